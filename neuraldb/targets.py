@@ -1,0 +1,346 @@
+"""Target residuals: the vector δ that, added at the edit site, makes the model say the new target.
+
+Loss per fact (MEMIT ``compute_z`` / ROME ``compute_v``, §2.1a of the methods brief):
+
+    mean over context templates of −(1/T)·Σ_t log P(y_t | template(prompt) ⊕ y_<t)
+    + kl_factor · KL(P_δ ‖ P_0) at the subject's last token of "{subject} is a"
+    + weight_decay · ‖δ‖ / ‖v₀‖²,      subject to ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖
+
+where v₀ is the value δ is added to (the FFN output for ``site="ffn"``, the block output for
+``site="block"``) at the subject's last token of the bare prompt. Adam on δ only; a fact stops
+once its loss is below ``early_stop_loss``; the last iteration does not step.
+
+:func:`optimize` is the fast path: many facts per batch in one forward/backward, the layers up to
+the edit layer run once (their outputs and the attention keys/values of every position before the
+subject's last token are cached), and logits are computed only at the loss positions.
+:func:`optimize_full_forward` is the reference protocol (one fact at a time, a full forward with
+full logits at every step) used by the benchmark and the tests to check the fast path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from neuraldb.facts import EditRequest
+from neuraldb.hooks import cache_from, capture, get_module, hooks, like, prefix_cache, start_at_layer
+from neuraldb.models import LoadedModel
+from neuraldb.prompts import Encoded, aligned_batch, encode_with_subject
+
+KL_TEMPLATE = "{} is a"
+
+Progress = Callable[[int], None]  # called with the number of facts finished
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Hyperparameters of the residual optimisation (names follow MEMIT's hparams)."""
+
+    layer: int
+    site: Literal["ffn", "block"] = "ffn"
+    steps: int = 25  # v_num_grad_steps
+    lr: float = 0.5  # v_lr
+    weight_decay: float = 0.5  # v_weight_decay
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if self.lr <= 0 or self.clamp_norm_factor <= 0:
+            raise ValueError("lr and clamp_norm_factor must be positive")
+
+
+@dataclass
+class Targets:
+    """Optimised residuals for F facts.
+
+    Attributes:
+        delta: ``[F, d_model]`` residual to add at the site (FFN output or block output).
+        keys: ``[F, d_ff]`` FFN keys at the edit layer (input of W_out at the subject's last token),
+            ½·bare prompt + ½·mean over the other context templates.
+        init: ``[F, d_model]`` v₀, the site's value at the subject's last token of the bare prompt.
+        loss, nll: ``[F]`` final total loss and target NLL (per token, averaged over templates).
+        steps: ``[F]`` iterations each fact ran.
+    """
+
+    delta: torch.Tensor
+    keys: torch.Tensor
+    init: torch.Tensor
+    loss: torch.Tensor
+    nll: torch.Tensor
+    steps: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    @staticmethod
+    def cat(parts: list["Targets"]) -> "Targets":
+        return Targets(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                         ("delta", "keys", "init", "loss", "nll", "steps")))
+
+
+# ----------------------------------------------------------------------------------------------
+# rows: every fact contributes one rewriting row per context template and one KL row
+
+
+@dataclass
+class Rows:
+    """The rows of one batch of facts, and where their losses are read.
+
+    ``encoded[r]`` holds row r's input ids (prompt + target without its last token); for a
+    rewriting row, ``targets[r]`` are its target ids, predicted from positions
+    ``n_prompt - 1 + t``; ``kl`` lists the KL row of every fact (in fact order); ``bare`` the
+    bare-template row of every fact.
+    """
+
+    encoded: list[Encoded]
+    fact: list[int]
+    targets: list[tuple[int, ...]]
+    kl: list[int]
+    bare: list[int]
+    templated: list[list[int]]
+
+
+def build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str]) -> Rows:
+    rows = Rows([], [], [], [], [], [])
+    for i, req in enumerate(requests):
+        rows.templated.append([])
+        for j, context in enumerate(templates):
+            e = encode_with_subject(lm.tokenizer, req.template, req.subject, context, req.target_new)
+            if j == 0:
+                rows.bare.append(len(rows.encoded))
+            else:
+                rows.templated[i].append(len(rows.encoded))
+            rows.encoded.append(Encoded(e.ids[:-1], e.n_prompt, e.subject_last))
+            rows.fact.append(i)
+            rows.targets.append(e.ids[e.n_prompt:])
+        rows.kl.append(len(rows.encoded))
+        rows.encoded.append(encode_with_subject(lm.tokenizer, KL_TEMPLATE, req.subject))
+        rows.fact.append(i)
+        rows.targets.append(())
+    return rows
+
+
+def average_keys(row_keys: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """``[rows, d_ff]`` → ``[facts, d_ff]``: ½·bare + ½·mean(templated), or bare alone."""
+    out = []
+    for bare, templated in zip(rows.bare, rows.templated):
+        k = row_keys[bare]
+        if templated:
+            k = 0.5 * k + 0.5 * row_keys[templated].mean(0)
+        out.append(k)
+    return torch.stack(out)
+
+
+@dataclass
+class LossIndex:
+    """Flat gather indices for the NLL: entry e reads ``(row[e], col[e])`` for token ``token[e]``."""
+
+    row: torch.Tensor
+    col: torch.Tensor
+    token: torch.Tensor
+    fact: torch.Tensor
+    weight: torch.Tensor  # 1 / (target length · rewriting rows of the fact)
+
+
+def loss_index(rows: Rows, offsets: torch.Tensor, first_col: int) -> LossIndex:
+    n_rows = torch.bincount(torch.tensor([rows.fact[r] for r in range(len(rows.fact)) if rows.targets[r]]))
+    r_, c_, t_, f_, w_ = [], [], [], [], []
+    for r, (e, tgt) in enumerate(zip(rows.encoded, rows.targets)):
+        for t, token in enumerate(tgt):
+            r_.append(r)
+            c_.append(int(offsets[r]) + e.n_prompt - 1 + t - first_col)
+            t_.append(token)
+            f_.append(rows.fact[r])
+            w_.append(1.0 / (len(tgt) * int(n_rows[rows.fact[r]])))
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return LossIndex(long(r_), long(c_), long(t_), long(f_), torch.tensor(w_))
+
+
+def fact_losses(
+    logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], idx: LossIndex,
+    kl_rows: torch.Tensor, kl_col: torch.Tensor, kl_init: torch.Tensor | None,
+    delta: torch.Tensor, init_norm: torch.Tensor, cfg: TargetConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-fact (loss, nll, KL log-probs) for logits ``[N, vocab]`` read by ``logits_at(rows, cols)``.
+
+    Returns ``loss [F]``, ``nll [F]`` and the KL rows' log-probabilities ``[F, vocab]``.
+    """
+    n_facts = delta.shape[0]
+    logp = torch.log_softmax(logits_at(idx.row, idx.col), -1)
+    token_lp = logp.gather(1, idx.token.view(-1, 1).to(logp.device)).squeeze(1).cpu()
+    nll = torch.zeros(n_facts).index_add(0, idx.fact, -token_lp * idx.weight)
+    kl_logp = torch.log_softmax(logits_at(kl_rows, kl_col), -1)
+    init = kl_logp.detach() if kl_init is None else kl_init
+    kl = (kl_logp.exp() * (kl_logp - init)).sum(-1).cpu()
+    wd = cfg.weight_decay * delta.norm(dim=1) / init_norm**2
+    return nll + cfg.kl_factor * kl + wd, nll, kl_logp.detach()
+
+
+def _site_modules(lm: LoadedModel, cfg: TargetConfig) -> tuple[str, nn.Module | None]:
+    """(path of the module whose output δ is added to, post-FFN norm or None)."""
+    arch = lm.arch
+    if cfg.site == "block":
+        return arch.layer_path(cfg.layer), None
+    post = arch.post_norm_path(cfg.layer)
+    return arch.w_out_path(cfg.layer), (get_module(lm.model, post) if post else None)
+
+
+class _Adam:
+    """Adam on δ ``[F, d]`` with per-fact early stopping and the norm clamp."""
+
+    def __init__(self, n: int, d: int, cfg: TargetConfig, max_norm: torch.Tensor):
+        self.delta = torch.zeros(n, d, requires_grad=True)
+        self.opt = torch.optim.Adam([self.delta], lr=cfg.lr)
+        self.max_norm = max_norm
+        self.done = torch.zeros(n, dtype=torch.bool)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad()
+        loss[~self.done].sum().backward()
+        frozen = self.delta.detach()[self.done].clone()
+        self.opt.step()
+        with torch.no_grad():
+            self.delta[self.done] = frozen
+            norm = self.delta.norm(dim=1).clamp(min=1e-12)
+            self.delta.mul_((self.max_norm / norm).clamp(max=1.0).unsqueeze(1))
+
+
+def _run(loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], n: int, d: int,
+         init_norm: torch.Tensor, cfg: TargetConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The optimisation loop shared by both protocols. Returns (delta, loss, nll, steps)."""
+    adam = _Adam(n, d, cfg, cfg.clamp_norm_factor * init_norm)
+    steps = torch.zeros(n, dtype=torch.long)
+    final_loss, final_nll = torch.zeros(n), torch.zeros(n)
+    for it in range(cfg.steps):
+        loss, nll = loss_fn(adam.delta)
+        live = ~adam.done
+        final_loss[live], final_nll[live] = loss.detach()[live], nll.detach()[live]
+        steps[live] = it + 1
+        adam.done |= loss.detach() < cfg.early_stop_loss
+        if bool(adam.done.all()) or it == cfg.steps - 1:
+            break
+        adam.step(loss)
+    return adam.delta.detach(), final_loss, final_nll, steps
+
+
+# ----------------------------------------------------------------------------------------------
+# fast path
+
+
+def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: list[str], cfg: TargetConfig) -> Targets:
+    model, arch, dev = lm.model, lm.arch, lm.device
+    rows = build_rows(lm, requests, templates)
+    batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
+    ids, mask, pos, s = (batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.position_ids.to(dev),
+                         batch.anchor)
+    site_path, post = _site_modules(lm, cfg)
+    kl_rows = torch.tensor(rows.kl)
+    # one pass over whole rows: keys, site values, block-l outputs, KV cache and initial KL logits
+    cache = cache_from([], model.config)
+    with torch.no_grad(), capture(model, inputs={"key": arch.w_out_path(cfg.layer)},
+                                  outputs={"site": site_path, "block": arch.layer_path(cfg.layer)}) as got:
+        final = lm.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                            use_cache=True).last_hidden_state
+    tuple_out = False
+    site_s = got["site"][:, s].float()  # [rows, d_model]
+    block_suffix = got["block"][:, s:]  # [rows, T - s, d_model]
+    keys = average_keys(got["key"][:, s].float().cpu(), rows)
+    prefix = prefix_cache(cache, s)
+    kl_init = torch.log_softmax(lm.logits(final[kl_rows.to(dev), s]), -1)
+    del cache, final, got
+    init = site_s[torch.tensor(rows.bare)].cpu()
+    init_norm = init.norm(dim=1)
+    idx = loss_index(rows, batch.offset, s)
+    row_fact = torch.tensor(rows.fact)
+    suffix_ids, suffix_pos = ids[:, s:], pos[:, s:]
+    zero_cols = torch.zeros(len(requests), dtype=torch.long)
+
+    def anchor_hidden(delta: torch.Tensor) -> torch.Tensor:
+        d = delta[row_fact].to(dev, block_suffix.dtype)
+        if cfg.site == "ffn" and post is not None:
+            return block_suffix[:, 0] - post(site_s.to(block_suffix.dtype)) + post(site_s.to(d.dtype) + d)
+        return block_suffix[:, 0] + d
+
+    def loss_fn(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.cat([anchor_hidden(delta).unsqueeze(1), block_suffix[:, 1:]], 1)
+        with start_at_layer(model, arch.spec.layers, cfg.layer, lambda: hidden, tuple_out):
+            out = lm.backbone(input_ids=suffix_ids, attention_mask=mask, position_ids=suffix_pos,
+                              cache=cache_from(prefix, model.config), use_cache=True).last_hidden_state
+        loss, nll, _ = fact_losses(lambda r, c: lm.logits(out[r.to(dev), c.to(dev)]), idx, kl_rows, zero_cols,
+                                   kl_init, delta, init_norm, cfg)
+        return loss, nll
+
+    delta, loss, nll, steps = _run(loss_fn, len(requests), arch.d_model, init_norm, cfg)
+    return Targets(delta, keys, init, loss, nll, steps)
+
+
+def optimize(
+    lm: LoadedModel, requests: list[EditRequest], templates: list[str], cfg: TargetConfig,
+    batch_size: int = 100, progress: Progress | None = None,
+) -> Targets:
+    """Optimise the residuals of ``requests`` in batches of ``batch_size`` facts (fast path)."""
+    cfg.validate()
+    lm.arch.check_layer(cfg.layer)
+    parts = []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        parts.append(_optimize_batch(lm, chunk, templates, cfg))
+        if progress:
+            progress(len(chunk))
+    return Targets.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# reference protocol
+
+
+def optimize_full_forward(
+    lm: LoadedModel, requests: list[EditRequest], templates: list[str], cfg: TargetConfig,
+    progress: Progress | None = None,
+) -> Targets:
+    """The reference protocol: one fact at a time, a full forward (all layers, all logits) per step,
+    δ added by a hook at the site. Same loss and stopping rule as :func:`optimize`."""
+    cfg.validate()
+    model, arch, dev = lm.model, lm.arch, lm.device
+    site_path, _ = _site_modules(lm, cfg)
+    parts = []
+    for req in requests:
+        rows = build_rows(lm, [req], templates)
+        batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
+        s = batch.anchor
+        kw = dict(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                  position_ids=batch.position_ids.to(dev))
+        with torch.no_grad(), capture(model, inputs={"key": arch.w_out_path(cfg.layer)},
+                                      outputs={"site": site_path}) as got:
+            model(**kw)
+        init = got["site"][rows.bare, s].float().cpu()
+        keys = average_keys(got["key"][:, s].float().cpu(), rows)
+        idx = loss_index(rows, batch.offset, 0)
+        kl_rows = torch.tensor(rows.kl)
+        kl_cols = torch.full((1,), s, dtype=torch.long)
+        state: dict[str, torch.Tensor] = {}
+
+        def loss_fn(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            def add(_m, _a, out):
+                h = out[0] if isinstance(out, tuple) else out
+                h = h.clone()
+                h[:, s] = h[:, s] + delta[0].to(h.device, h.dtype)
+                return like(out, h)
+
+            with hooks([get_module(model, site_path).register_forward_hook(add)]):
+                logits = model(**kw).logits  # full logits, every position: the reference protocol
+            loss, nll, kl_logp = fact_losses(
+                lambda r, c: logits[r.to(dev), c.to(dev)].float(), idx, kl_rows, kl_cols,
+                state.get("kl_init"), delta, init.norm(dim=1), cfg)
+            state.setdefault("kl_init", kl_logp)
+            return loss, nll
+
+        delta, loss, nll, steps = _run(loss_fn, 1, arch.d_model, init.norm(dim=1), cfg)
+        parts.append(Targets(delta, keys, init, loss, nll, steps))
+        if progress:
+            progress(1)
+    return Targets.cat(parts)
+
