@@ -1,0 +1,102 @@
+"""The editor interface every method implements, and the registry ``--editor NAME`` looks in.
+
+An editor is built from a loaded model and typed hyperparameters (a dataclass validated against
+the model), writes facts with :meth:`Editor.edit`, gives the base model back with
+:meth:`Editor.restore`, and saves / loads its artifact. Register with :func:`register`::
+
+    @register("neuraldb")
+    class NeuralDBEditor(Editor): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, ClassVar, TypeVar
+
+from neuraldb.facts import EditRequest
+from neuraldb.models import LoadedModel
+
+Progress = Callable[[int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hparams:
+    """Base class of editor hyperparameters."""
+
+    def validate(self, lm: LoadedModel) -> None:
+        """Raise ``ValueError`` when the values do not fit the loaded model."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Hparams":
+        """A copy with the given fields changed (``None`` values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+class Editor(ABC):
+    """Writes facts into one loaded model."""
+
+    name: ClassVar[str]
+    hparams_cls: ClassVar[type[Hparams]]
+
+    def __init__(self, lm: LoadedModel, hparams: Hparams | None = None):
+        self.lm = lm
+        self.hparams = hparams if hparams is not None else self.default_hparams(lm)
+        self.hparams.validate(lm)
+
+    @classmethod
+    @abstractmethod
+    def default_hparams(cls, lm: LoadedModel) -> Hparams:
+        """Hyperparameters for this model (a preset for known models, a rule otherwise)."""
+
+    @abstractmethod
+    def edit(self, requests: list[EditRequest], progress: Progress | None = None) -> None:
+        """Write ``requests`` into the model (in place; the editor keeps what ``restore`` needs)."""
+
+    @abstractmethod
+    def restore(self) -> None:
+        """Give the base model back exactly."""
+
+    @abstractmethod
+    def save(self, path: str | Path) -> None:
+        """Save the edit artifact (atomically)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, lm: LoadedModel, path: str | Path) -> "Editor":
+        """Load an artifact saved by :meth:`save` and apply it to ``lm`` (refusing a mismatched model)."""
+
+
+_REGISTRY: dict[str, type[Editor]] = {}
+E = TypeVar("E", bound=type[Editor])
+
+
+def register(name: str) -> Callable[[E], E]:
+    def deco(cls: E) -> E:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def get_editor(name: str) -> type[Editor]:
+    _import_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown editor {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def editors() -> list[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def _import_builtin() -> None:
+    import importlib
+
+    for module in ("neuraldb.neuraldb_editor", "baselines"):
+        importlib.import_module(module)

@@ -1,0 +1,156 @@
+"""NeuralDB (arXiv 2507.18028): facts as (key, residual) pairs behind a cosine gate at one FFN layer.
+
+Editing a fact = computing its key (the FFN output projection's input at the subject's last token,
+averaged over context templates) and its residual (the δ added to that projection's output that
+makes the model say the new target, see :mod:`neuraldb.targets`), and appending both to the
+store. Base weights never change: removing a fact or unloading the gate restores the base model.
+Residuals are always optimised against the base model (the gate is off while editing), so the
+result of a fact does not depend on which facts were written before it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from neuraldb import gate
+from neuraldb.editor import Editor, Hparams, Progress, register
+from neuraldb.facts import EditRequest
+from neuraldb.models import LoadedModel
+from neuraldb.store import FactStore, StoreError
+from neuraldb.targets import TargetConfig, Targets, optimize
+from neuraldb.templates import context_templates
+
+
+@dataclass(frozen=True)
+class NeuralDBHparams(Hparams):
+    """Hyperparameters of NeuralDB editing.
+
+    ``layer``/``gamma``: the edit layer and the cosine threshold of the gate. The remaining fields
+    drive the residual optimisation (:class:`neuraldb.targets.TargetConfig`); ``batch_size`` is
+    the number of facts optimised together; ``n_templates``/``template_length``/``seed`` the
+    context templates.
+    """
+
+    layer: int
+    gamma: float = 0.65
+    steps: int = 25
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    batch_size: int = 100
+    n_templates: int = 5
+    template_length: int = 10
+    seed: int = 0
+
+    def validate(self, lm: LoadedModel) -> None:
+        lm.arch.check_layer(self.layer)
+        if not -1.0 <= self.gamma < 1.0:
+            raise ValueError(f"gamma must be in [-1, 1), got {self.gamma}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.target_config().validate()
+
+    def target_config(self) -> TargetConfig:
+        return TargetConfig(layer=self.layer, site="ffn", steps=self.steps, lr=self.lr,
+                            weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor,
+                            kl_factor=self.kl_factor, early_stop_loss=self.early_stop_loss)
+
+
+# Chosen by `python benchmarks/sweep_neuraldb.py` on CounterFact training records (README).
+PRESETS: dict[str, dict[str, float | int]] = {
+    "smollm2-135m": {"layer": 8, "gamma": 0.65},
+    "gemma3-270m": {"layer": 5, "gamma": 0.65},
+}
+
+
+@register("neuraldb")
+class NeuralDBEditor(Editor):
+    hparams_cls = NeuralDBHparams
+
+    def __init__(self, lm: LoadedModel, hparams: NeuralDBHparams | None = None, store: FactStore | None = None):
+        super().__init__(lm, hparams)
+        h = self.hparams
+        self.store = store or FactStore(
+            lm.name, lm.fingerprint, lm.arch.model_type, h.layer, h.gamma, lm.arch.d_ff, lm.arch.d_model,
+            hparams=h.to_dict())
+        self.last_targets: Targets | None = None
+
+    @classmethod
+    def default_hparams(cls, lm: LoadedModel) -> NeuralDBHparams:
+        preset = PRESETS.get(lm.name, {"layer": max(1, lm.arch.n_layers // 4)})
+        return NeuralDBHparams(**preset)
+
+    @property
+    def path(self) -> str:
+        return self.lm.arch.w_out_path(self.hparams.layer)
+
+    def templates(self) -> list[str]:
+        if not self.store.templates:
+            h = self.hparams
+            with self.disabled():
+                self.store.templates = context_templates(self.lm, h.n_templates, h.template_length, h.seed)
+        return self.store.templates
+
+    def edit(self, requests: list[EditRequest], progress: Progress | None = None, replace: bool = False) -> None:
+        existing = set(self.store.ids)
+        if not replace and (clash := next((r.id for r in requests if r.id in existing), None)):
+            raise StoreError(f"fact id {clash!r} is already in the store (use replace)")
+        templates = self.templates()
+        with self.disabled():
+            targets = optimize(self.lm, requests, templates, self.hparams.target_config(),
+                               self.hparams.batch_size, progress)
+        self.store.add(requests, targets.keys, targets.delta, replace=replace)
+        self.last_targets = targets
+        self.install()
+
+    def remove(self, fact_ids: list[str]) -> None:
+        self.store.remove(fact_ids)
+        self.install()
+
+    def install(self) -> gate.GatedProjection:
+        return gate.install(self.lm.model, self.path, self.store.keys, self.store.residuals, self.store.gamma)
+
+    def restore(self) -> None:
+        gate.unload(self.lm.model)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model inside the block (the gate, if installed, adds nothing)."""
+        found = gate.find(self.lm.model)
+        if found is None:
+            yield
+            return
+        g = found[1]
+        was, g.enabled = g.enabled, False
+        try:
+            yield
+        finally:
+            g.enabled = was
+
+    @contextmanager
+    def tracing(self) -> Iterator[list[gate.Firing]]:
+        g = self.install()
+        g.trace = []
+        try:
+            yield g.trace
+        finally:
+            g.trace = None
+
+    def save(self, path: str | Path) -> None:
+        self.templates()
+        self.store.save(path)
+
+    @classmethod
+    def load(cls, lm: LoadedModel, path: str | Path) -> "NeuralDBEditor":
+        store = FactStore.load(path)
+        store.check_model(lm.fingerprint, lm.arch.d_ff, lm.arch.d_model)
+        known = set(NeuralDBHparams.__dataclass_fields__)
+        hparams = NeuralDBHparams(**{k: v for k, v in store.hparams.items() if k in known})
+        editor = cls(lm, hparams, store)
+        editor.install()
+        return editor

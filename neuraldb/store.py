@@ -1,0 +1,170 @@
+"""The fact store: unit-normalised keys, residuals and fact records, saved atomically.
+
+On disk a store is a folder with ``tensors.safetensors`` (``keys`` ``[m, d_ff]`` float32,
+unit-norm rows; ``residuals`` ``[m, d_model]`` float32) and ``store.json`` (format version, edit
+layer, γ, hyperparameters, context templates, model name and fingerprint, the fact records in
+column order, and the sha256 of the tensor file). Same contents → same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from neuraldb.facts import EditRequest
+from neuraldb.models import dumps
+
+FORMAT = "neuraldb-store/1"
+
+
+class StoreError(ValueError):
+    """A store is missing, corrupt, or does not belong to the model at hand."""
+
+
+@dataclass
+class FactStore:
+    """Column-aligned keys and residuals with their facts.
+
+    Attributes:
+        keys: ``[m, d_ff]`` unit-norm keys; residuals: ``[m, d_model]``; facts: m records.
+    """
+
+    model_name: str
+    fingerprint: str
+    model_type: str
+    layer: int
+    gamma: float
+    d_ff: int
+    d_model: int
+    hparams: dict[str, Any] = field(default_factory=dict)
+    templates: list[str] = field(default_factory=list)
+    facts: list[EditRequest] = field(default_factory=list)
+    keys: torch.Tensor = None  # type: ignore[assignment]
+    residuals: torch.Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = torch.zeros(0, self.d_ff)
+        if self.residuals is None:
+            self.residuals = torch.zeros(0, self.d_model)
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    @property
+    def ids(self) -> list[str]:
+        return [f.id for f in self.facts]
+
+    def index(self, fact_id: str) -> int:
+        try:
+            return self.ids.index(fact_id)
+        except ValueError:
+            raise KeyError(f"no fact with id {fact_id!r} in the store") from None
+
+    def add(self, facts: list[EditRequest], keys: torch.Tensor, residuals: torch.Tensor, replace: bool = False) -> None:
+        """Append facts (keys are normalised here); an existing id is replaced only with ``replace``."""
+        if keys.shape != (len(facts), self.d_ff) or residuals.shape != (len(facts), self.d_model):
+            raise StoreError(f"shape mismatch: {len(facts)} facts, keys {tuple(keys.shape)}, "
+                             f"residuals {tuple(residuals.shape)}, store d_ff={self.d_ff} d_model={self.d_model}")
+        keys = torch.nn.functional.normalize(keys.float(), dim=1)
+        existing = set(self.ids)
+        clashes = [f.id for f in facts if f.id in existing]
+        if clashes and not replace:
+            raise StoreError(f"fact id {clashes[0]!r} is already in the store (use replace)")
+        self.remove(clashes)
+        self.facts = self.facts + list(facts)
+        self.keys = torch.cat([self.keys, keys])
+        self.residuals = torch.cat([self.residuals, residuals.float()])
+
+    def remove(self, fact_ids: list[str]) -> None:
+        drop = {self.index(i) for i in fact_ids}
+        keep = [i for i in range(len(self)) if i not in drop]
+        self.facts = [self.facts[i] for i in keep]
+        self.keys = self.keys[keep]
+        self.residuals = self.residuals[keep]
+
+    def check_model(self, fingerprint: str, d_ff: int, d_model: int) -> None:
+        if (d_ff, d_model) != (self.d_ff, self.d_model):
+            raise StoreError(f"store shapes d_ff={self.d_ff}, d_model={self.d_model} do not match the model "
+                             f"(d_ff={d_ff}, d_model={d_model})")
+        if fingerprint != self.fingerprint:
+            raise StoreError(f"store was built for model {self.model_name!r} (fingerprint {self.fingerprint}), "
+                             f"not for this model (fingerprint {fingerprint})")
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "model": {"name": self.model_name, "fingerprint": self.fingerprint,
+                                        "model_type": self.model_type, "d_ff": self.d_ff, "d_model": self.d_model},
+            "layer": self.layer, "gamma": self.gamma, "hparams": self.hparams, "templates": self.templates,
+            "facts": [f.to_dict() for f in self.facts],
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the store folder atomically: a complete new folder replaces the old one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
+        try:
+            tensors = tmp / "tensors.safetensors"
+            save_file({"keys": self.keys.contiguous(), "residuals": self.residuals.contiguous()}, str(tensors))
+            meta = self.meta() | {"tensors_sha256": _sha256(tensors)}
+            (tmp / "store.json").write_text(dumps(meta) + "\n", encoding="utf-8")
+            _swap_in(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FactStore":
+        path = Path(path)
+        meta_file, tensors = path / "store.json", path / "tensors.safetensors"
+        if not meta_file.is_file() or not tensors.is_file():
+            raise StoreError(f"{path} is not a neuraldb store (store.json / tensors.safetensors missing)")
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{meta_file} is corrupt: {e.msg}") from None
+        if meta.get("format") != FORMAT:
+            raise StoreError(f"{path}: unknown store format {meta.get('format')!r} (expected {FORMAT})")
+        if _sha256(tensors) != meta.get("tensors_sha256"):
+            raise StoreError(f"{tensors} is corrupt: sha256 does not match store.json")
+        t = load_file(str(tensors))
+        m = meta["model"]
+        store = cls(m["name"], m["fingerprint"], m["model_type"], meta["layer"], meta["gamma"], m["d_ff"],
+                    m["d_model"], meta["hparams"], meta["templates"],
+                    [EditRequest.from_dict(f) for f in meta["facts"]], t["keys"], t["residuals"])
+        if store.keys.shape != (len(store), store.d_ff) or store.residuals.shape != (len(store), store.d_model):
+            raise StoreError(f"{path} is corrupt: tensor shapes do not match its {len(store)} facts")
+        return store
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Replace folder ``path`` by ``new``; the old folder is removed only after the new one is in place."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    if not path.is_dir():
+        raise StoreError(f"{path} exists and is not a store folder")
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".old-"))
+    os.rmdir(old)
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
