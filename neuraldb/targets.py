@@ -161,22 +161,33 @@ def loss_index(rows: Rows, offsets: torch.Tensor, first_col: int) -> LossIndex:
 
 def fact_losses(
     logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], idx: LossIndex,
-    kl_rows: torch.Tensor, kl_col: torch.Tensor, kl_init: torch.Tensor | None,
-    delta: torch.Tensor, init_norm: torch.Tensor, cfg: TargetConfig,
+    kl: "KLIndex", delta: torch.Tensor, init_norm: torch.Tensor, cfg: TargetConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-fact (loss, nll, KL log-probs) for logits ``[N, vocab]`` read by ``logits_at(rows, cols)``.
 
-    Returns ``loss [F]``, ``nll [F]`` and the KL rows' log-probabilities ``[F, vocab]``.
+    Returns ``loss [F]`` and ``nll [F]`` (facts without entries get 0 NLL / KL) and the KL rows'
+    log-probabilities ``[len(kl.rows), vocab]``.
     """
     n_facts = delta.shape[0]
     logp = torch.log_softmax(logits_at(idx.row, idx.col), -1)
     token_lp = logp.gather(1, idx.token.view(-1, 1).to(logp.device)).squeeze(1).cpu()
     nll = torch.zeros(n_facts).index_add(0, idx.fact, -token_lp * idx.weight)
-    kl_logp = torch.log_softmax(logits_at(kl_rows, kl_col), -1)
-    init = kl_logp.detach() if kl_init is None else kl_init
-    kl = (kl_logp.exp() * (kl_logp - init)).sum(-1).cpu()
+    kl_logp = torch.log_softmax(logits_at(kl.rows, kl.cols), -1)
+    init = kl_logp.detach() if kl.init is None else kl.init
+    kl_div = torch.zeros(n_facts).index_add(0, kl.fact, (kl_logp.exp() * (kl_logp - init)).sum(-1).cpu())
     wd = cfg.weight_decay * delta.norm(dim=1) / init_norm**2
-    return nll + cfg.kl_factor * kl + wd, nll, kl_logp.detach()
+    return nll + cfg.kl_factor * kl_div + wd, nll, kl_logp.detach()
+
+
+@dataclass
+class KLIndex:
+    """The KL rows (one per fact), the column of their subject's last token, the fact each row
+    belongs to, and the initial (δ = 0) log-probabilities there (None: take them from this pass)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    fact: torch.Tensor
+    init: torch.Tensor | None = None
 
 
 def _site_modules(lm: LoadedModel, cfg: TargetConfig) -> tuple[str, nn.Module | None]:
@@ -208,18 +219,25 @@ class _Adam:
             self.delta.mul_((self.max_norm / norm).clamp(max=1.0).unsqueeze(1))
 
 
-def _run(loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], n: int, d: int,
-         init_norm: torch.Tensor, cfg: TargetConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The optimisation loop shared by both protocols. Returns (delta, loss, nll, steps)."""
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _run(loss_fn: LossFn, n: int, d: int, init_norm: torch.Tensor,
+         cfg: TargetConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The optimisation loop shared by both protocols. Returns (delta, loss, nll, steps).
+
+    ``loss_fn(delta [F, d], live [F] bool)`` returns per-fact (loss, nll); only live facts'
+    values are used, so it may skip the others.
+    """
     adam = _Adam(n, d, cfg, cfg.clamp_norm_factor * init_norm)
     steps = torch.zeros(n, dtype=torch.long)
     final_loss, final_nll = torch.zeros(n), torch.zeros(n)
     for it in range(cfg.steps):
-        loss, nll = loss_fn(adam.delta)
         live = ~adam.done
+        loss, nll = loss_fn(adam.delta, live)
         final_loss[live], final_nll[live] = loss.detach()[live], nll.detach()[live]
         steps[live] = it + 1
-        adam.done |= loss.detach() < cfg.early_stop_loss
+        adam.done |= live & (loss.detach() < cfg.early_stop_loss)
         if bool(adam.done.all()) or it == cfg.steps - 1:
             break
         adam.step(loss)
@@ -244,37 +262,73 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
                                   outputs={"site": site_path, "block": arch.layer_path(cfg.layer)}) as got:
         final = lm.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                             use_cache=True).last_hidden_state
-    tuple_out = False
-    site_s = got["site"][:, s].float()  # [rows, d_model]
-    block_suffix = got["block"][:, s:]  # [rows, T - s, d_model]
+    suffix = _Suffix(
+        ids=ids[:, s:], mask=mask, pos=pos[:, s:], block=got["block"][:, s:], site=got["site"][:, s].float(),
+        prefix=prefix_cache(cache, s), row_fact=torch.tensor(rows.fact),
+        loss=loss_index(rows, batch.offset, s),
+        kl=KLIndex(kl_rows, torch.zeros(len(requests), dtype=torch.long), torch.arange(len(requests)),
+                   torch.log_softmax(lm.logits(final[kl_rows.to(dev), s]), -1)))
     keys = average_keys(got["key"][:, s].float().cpu(), rows)
-    prefix = prefix_cache(cache, s)
-    kl_init = torch.log_softmax(lm.logits(final[kl_rows.to(dev), s]), -1)
+    init = suffix.site[torch.tensor(rows.bare)].cpu()
     del cache, final, got
-    init = site_s[torch.tensor(rows.bare)].cpu()
     init_norm = init.norm(dim=1)
-    idx = loss_index(rows, batch.offset, s)
-    row_fact = torch.tensor(rows.fact)
-    suffix_ids, suffix_pos = ids[:, s:], pos[:, s:]
-    zero_cols = torch.zeros(len(requests), dtype=torch.long)
+    selected: dict[tuple[bool, ...], _Suffix] = {}
 
-    def anchor_hidden(delta: torch.Tensor) -> torch.Tensor:
-        d = delta[row_fact].to(dev, block_suffix.dtype)
-        if cfg.site == "ffn" and post is not None:
-            return block_suffix[:, 0] - post(site_s.to(block_suffix.dtype)) + post(site_s.to(d.dtype) + d)
-        return block_suffix[:, 0] + d
-
-    def loss_fn(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = torch.cat([anchor_hidden(delta).unsqueeze(1), block_suffix[:, 1:]], 1)
-        with start_at_layer(model, arch.spec.layers, cfg.layer, lambda: hidden, tuple_out):
-            out = lm.backbone(input_ids=suffix_ids, attention_mask=mask, position_ids=suffix_pos,
-                              cache=cache_from(prefix, model.config), use_cache=True).last_hidden_state
-        loss, nll, _ = fact_losses(lambda r, c: lm.logits(out[r.to(dev), c.to(dev)]), idx, kl_rows, zero_cols,
-                                   kl_init, delta, init_norm, cfg)
+    def loss_fn(delta: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(live.tolist())
+        if key not in selected:  # facts that stopped early leave the batch
+            selected.clear()
+            selected[key] = suffix.select(live)
+        part = selected[key]
+        d = delta[part.row_fact].to(dev, part.block.dtype)
+        if post is not None:  # the FFN output is normalised before the residual add
+            anchor = part.block[:, 0] - post(part.site.to(d.dtype)) + post(part.site.to(d.dtype) + d)
+        else:
+            anchor = part.block[:, 0] + d
+        hidden = torch.cat([anchor.unsqueeze(1), part.block[:, 1:]], 1)
+        with start_at_layer(model, arch.spec.layers, cfg.layer, lambda: hidden):
+            out = lm.backbone(input_ids=part.ids, attention_mask=part.mask, position_ids=part.pos,
+                              cache=cache_from(part.prefix, model.config), use_cache=True).last_hidden_state
+        loss, nll, _ = fact_losses(lambda r, c: lm.logits(out[r.to(dev), c.to(dev)]), part.loss, part.kl,
+                                   delta, init_norm, cfg)
         return loss, nll
 
     delta, loss, nll, steps = _run(loss_fn, len(requests), arch.d_model, init_norm, cfg)
     return Targets(delta, keys, init, loss, nll, steps)
+
+
+@dataclass
+class _Suffix:
+    """Everything the per-step pass needs, for the rows from the subject's last token on.
+
+    ``ids``/``pos``: ``[rows, T - s]``; ``mask``: ``[rows, T]``; ``block``: block-l outputs
+    ``[rows, T - s, d_model]``; ``site``: the site's value at the subject's last token
+    ``[rows, d_model]``; ``prefix``: per-layer KV of the first s columns.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    block: torch.Tensor
+    site: torch.Tensor
+    prefix: list[tuple[torch.Tensor, torch.Tensor]]
+    row_fact: torch.Tensor
+    loss: LossIndex
+    kl: KLIndex
+
+    def select(self, live: torch.Tensor) -> "_Suffix":
+        """The rows of the facts marked in ``live`` (``[F]`` bool), indices remapped."""
+        keep = live[self.row_fact].nonzero().squeeze(1)
+        remap = torch.full((len(self.row_fact),), -1, dtype=torch.long)
+        remap[keep] = torch.arange(len(keep))
+        e = live[self.loss.fact]
+        li = self.loss
+        loss = LossIndex(remap[li.row[e]], li.col[e], li.token[e], li.fact[e], li.weight[e])
+        k = live[self.kl.fact]
+        kl = KLIndex(remap[self.kl.rows[k]], self.kl.cols[k], self.kl.fact[k], self.kl.init[k.to(self.kl.init.device)])
+        dk = keep.to(self.ids.device)
+        return _Suffix(self.ids[dk], self.mask[dk], self.pos[dk], self.block[dk], self.site[dk],
+                       [(a[dk], b[dk]) for a, b in self.prefix], self.row_fact[keep], loss, kl)
 
 
 def optimize(
@@ -319,11 +373,9 @@ def optimize_full_forward(
         init = got["site"][rows.bare, s].float().cpu()
         keys = average_keys(got["key"][:, s].float().cpu(), rows)
         idx = loss_index(rows, batch.offset, 0)
-        kl_rows = torch.tensor(rows.kl)
-        kl_cols = torch.full((1,), s, dtype=torch.long)
-        state: dict[str, torch.Tensor] = {}
+        kl = KLIndex(torch.tensor(rows.kl), torch.full((1,), s, dtype=torch.long), torch.zeros(1, dtype=torch.long))
 
-        def loss_fn(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def loss_fn(delta: torch.Tensor, _live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             def add(_m, _a, out):
                 h = out[0] if isinstance(out, tuple) else out
                 h = h.clone()
@@ -332,10 +384,10 @@ def optimize_full_forward(
 
             with hooks([get_module(model, site_path).register_forward_hook(add)]):
                 logits = model(**kw).logits  # full logits, every position: the reference protocol
-            loss, nll, kl_logp = fact_losses(
-                lambda r, c: logits[r.to(dev), c.to(dev)].float(), idx, kl_rows, kl_cols,
-                state.get("kl_init"), delta, init.norm(dim=1), cfg)
-            state.setdefault("kl_init", kl_logp)
+            loss, nll, kl_logp = fact_losses(lambda r, c: logits[r.to(dev), c.to(dev)].float(), idx, kl,
+                                             delta, init.norm(dim=1), cfg)
+            if kl.init is None:  # the first pass has δ = 0: its distribution is the reference
+                kl.init = kl_logp
             return loss, nll
 
         delta, loss, nll, steps = _run(loss_fn, 1, arch.d_model, init.norm(dim=1), cfg)
