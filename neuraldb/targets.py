@@ -124,14 +124,29 @@ def build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str
 
 
 def average_keys(row_keys: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """``[rows, d_ff]`` → ``[facts, d_ff]``: ½·bare + ½·mean(templated), or bare alone."""
+    """``[rows, d_ff]`` → ``[facts, d_ff]``: ½·bare + ½·mean(templated), or one of the two alone.
+
+    A row whose subject ends on the first token (position 0) is left out: there the key is the
+    attention-sink activation shared by every first token (cosine ≈ 0.99 between any two
+    subjects), which would make the fact fire on the first token of every prompt.
+    """
     out = []
     for bare, templated in zip(rows.bare, rows.templated):
-        k = row_keys[bare]
-        if templated:
-            k = 0.5 * k + 0.5 * row_keys[templated].mean(0)
-        out.append(k)
+        parts = []
+        if rows.encoded[bare].subject_last > 0:
+            parts.append(row_keys[bare])
+        usable = [r for r in templated if rows.encoded[r].subject_last > 0]
+        if usable:
+            parts.append(row_keys[usable].mean(0))
+        if not parts:
+            raise ValueError("subject has no context in any prompt: cannot compute its key")
+        out.append(torch.stack(parts).mean(0))
     return torch.stack(out)
+
+
+def starts_with_subject(lm: LoadedModel, request: EditRequest) -> bool:
+    """True when the subject is the prompt's very first token (no key can recognise it there)."""
+    return encode_with_subject(lm.tokenizer, request.template, request.subject).subject_last == 0
 
 
 @dataclass
@@ -256,6 +271,11 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
                          batch.anchor)
     site_path, post = _site_modules(lm, cfg)
     kl_rows = torch.tensor(rows.kl)
+    # The per-step pass starts at column `cut`: the subject's last token, whose block output gets δ.
+    # Columns before it are fixed, so their keys/values are reused from the cache, except where a
+    # sliding-window cache would not hold them all (then the pass starts at column 0).
+    window = getattr(model.config, "sliding_window", None)
+    cut = s if window is None or ids.shape[1] <= window else 0
     # one pass over whole rows: keys, site values, block-l outputs, KV cache and initial KL logits
     cache = cache_from([], model.config)
     with torch.no_grad(), capture(model, inputs={"key": arch.w_out_path(cfg.layer)},
@@ -263,10 +283,10 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
         final = lm.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                             use_cache=True).last_hidden_state
     suffix = _Suffix(
-        ids=ids[:, s:], mask=mask, pos=pos[:, s:], block=got["block"][:, s:], site=got["site"][:, s].float(),
-        prefix=prefix_cache(cache, s), row_fact=torch.tensor(rows.fact),
-        loss=loss_index(rows, batch.offset, s),
-        kl=KLIndex(kl_rows, torch.zeros(len(requests), dtype=torch.long), torch.arange(len(requests)),
+        ids=ids[:, cut:], mask=mask, pos=pos[:, cut:], block=got["block"][:, cut:], site=got["site"][:, s].float(),
+        prefix=prefix_cache(cache, cut), row_fact=torch.tensor(rows.fact),
+        loss=loss_index(rows, batch.offset, cut),
+        kl=KLIndex(kl_rows, torch.full((len(requests),), s - cut, dtype=torch.long), torch.arange(len(requests)),
                    torch.log_softmax(lm.logits(final[kl_rows.to(dev), s]), -1)))
     keys = average_keys(got["key"][:, s].float().cpu(), rows)
     init = suffix.site[torch.tensor(rows.bare)].cpu()
@@ -281,14 +301,16 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
             selected[key] = suffix.select(live)
         part = selected[key]
         d = delta[part.row_fact].to(dev, part.block.dtype)
+        a = s - cut
         if post is not None:  # the FFN output is normalised before the residual add
-            anchor = part.block[:, 0] - post(part.site.to(d.dtype)) + post(part.site.to(d.dtype) + d)
+            anchor = part.block[:, a] - post(part.site.to(d.dtype)) + post(part.site.to(d.dtype) + d)
         else:
-            anchor = part.block[:, 0] + d
-        hidden = torch.cat([anchor.unsqueeze(1), part.block[:, 1:]], 1)
+            anchor = part.block[:, a] + d
+        hidden = torch.cat([part.block[:, :a], anchor.unsqueeze(1), part.block[:, a + 1:]], 1)
         with start_at_layer(model, arch.spec.layers, cfg.layer, lambda: hidden):
             out = lm.backbone(input_ids=part.ids, attention_mask=part.mask, position_ids=part.pos,
-                              cache=cache_from(part.prefix, model.config), use_cache=True).last_hidden_state
+                              cache=cache_from(part.prefix, model.config) if cut else None,
+                              use_cache=bool(cut)).last_hidden_state
         loss, nll, _ = fact_losses(lambda r, c: lm.logits(out[r.to(dev), c.to(dev)]), part.loss, part.kl,
                                    delta, init_norm, cfg)
         return loss, nll
@@ -301,9 +323,10 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
 class _Suffix:
     """Everything the per-step pass needs, for the rows from the subject's last token on.
 
-    ``ids``/``pos``: ``[rows, T - s]``; ``mask``: ``[rows, T]``; ``block``: block-l outputs
-    ``[rows, T - s, d_model]``; ``site``: the site's value at the subject's last token
-    ``[rows, d_model]``; ``prefix``: per-layer KV of the first s columns.
+    ``ids``/``pos``: ``[rows, T - cut]``; ``mask``: ``[rows, T]`` (``[rows, T - cut]`` when
+    ``cut`` is 0, i.e. the same); ``block``: block-l outputs
+    ``[rows, T - cut, d_model]``; ``site``: the site's value at the subject's last token
+    ``[rows, d_model]``; ``prefix``: per-layer KV of the first ``cut`` columns.
     """
 
     ids: torch.Tensor

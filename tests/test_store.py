@@ -1,0 +1,81 @@
+"""The store: round trip, add / remove / replace, refusal of a mismatched model or a corrupt file,
+atomic writes and byte-identical saves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from neuraldb.facts import EditRequest
+from neuraldb.store import FactStore, StoreError
+
+
+def make(n=3, d_ff=8, d_model=4):
+    s = FactStore("m", "fp", "llama", 2, 0.65, d_ff, d_model, {"layer": 2}, ["{}"])
+    facts = [EditRequest(str(i), "{} is", f"S{i}", f" T{i}") for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    s.add(facts, torch.randn(n, d_ff, generator=g), torch.randn(n, d_model, generator=g))
+    return s
+
+
+def test_round_trip_and_determinism(tmp_path):
+    s = make()
+    s.save(tmp_path / "a")
+    make().save(tmp_path / "b")
+    for f in ("store.json", "tensors.safetensors"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    t = FactStore.load(tmp_path / "a")
+    assert t.ids == ["0", "1", "2"] and t.facts == s.facts
+    assert torch.equal(t.keys, s.keys) and torch.equal(t.residuals, s.residuals)
+    torch.testing.assert_close(t.keys.norm(dim=1), torch.ones(3))
+
+
+def test_add_remove_replace():
+    s = make()
+    with pytest.raises(StoreError, match="already in the store"):
+        s.add([EditRequest("1", "{} is", "X", " Y")], torch.ones(1, 8), torch.ones(1, 4))
+    s.add([EditRequest("1", "{} is", "X", " Y")], torch.ones(1, 8), torch.ones(1, 4), replace=True)
+    assert s.ids == ["0", "2", "1"] and torch.equal(s.residuals[2], torch.ones(4))
+    s.remove(["0"])
+    assert s.ids == ["2", "1"] and s.keys.shape == (2, 8)
+    with pytest.raises(KeyError, match="no fact with id 'zz'"):
+        s.remove(["zz"])
+
+
+def test_mismatched_model_is_refused():
+    s = make()
+    with pytest.raises(StoreError, match="fingerprint"):
+        s.check_model("other", 8, 4)
+    with pytest.raises(StoreError, match="d_ff=8, d_model=4 do not match"):
+        s.check_model("fp", 16, 4)
+
+
+def test_corrupt_store_is_refused(tmp_path):
+    make().save(tmp_path / "s")
+    t = tmp_path / "s" / "tensors.safetensors"
+    t.write_bytes(t.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(StoreError, match="corrupt: sha256"):
+        FactStore.load(tmp_path / "s")
+    (tmp_path / "s" / "store.json").write_text("{")
+    with pytest.raises(StoreError, match="store.json is corrupt"):
+        FactStore.load(tmp_path / "s")
+    with pytest.raises(StoreError, match="not a neuraldb store"):
+        FactStore.load(tmp_path / "nothing")
+
+
+def test_failed_save_keeps_the_old_store(tmp_path, monkeypatch):
+    make().save(tmp_path / "s")
+    before = (tmp_path / "s" / "store.json").read_text()
+    bigger = make(5)
+
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("neuraldb.store.save_file", boom)
+    with pytest.raises(OSError):
+        bigger.save(tmp_path / "s")
+    assert (tmp_path / "s" / "store.json").read_text() == before
+    assert len(json.loads(before)["facts"]) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
