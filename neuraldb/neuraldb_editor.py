@@ -42,7 +42,7 @@ class NeuralDBHparams(Hparams):
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
-    batch_size: int = 100
+    batch_size: int = 32
     n_templates: int = 5
     template_length: int = 10
     seed: int = 0
