@@ -1,0 +1,70 @@
+"""Generation speed with the NeuralDB gate holding 0, 1k and 10k facts, relative to no gate.
+
+The stored keys/residuals are real-shaped (unit-norm random keys, random residuals); what is
+measured is the cost of the lookup (one matmul per forward at the edit layer). Greedy generation
+of ``--new-tokens`` tokens after each prompt, best of ``--repeats`` runs.
+
+Usage:  python benchmarks/gate_overhead.py --out results/gate_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from neuraldb import gate, models
+from neuraldb.neuraldb_editor import NeuralDBEditor
+
+PROMPTS = ["The Eiffel Tower is located in the city of", "The mother tongue of Danielle Darrieux is",
+           "Michael Jordan plays the sport of", "The capital of Germany is"]
+
+
+def tokens_per_s(lm: models.LoadedModel, new_tokens: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for p in PROMPTS:
+            ids = lm.tokenizer(p, return_tensors="pt")["input_ids"].to(lm.device)
+            with torch.no_grad():
+                lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        best = min(best, time.perf_counter() - t0)
+    return len(PROMPTS) * new_tokens / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=models.DEFAULT_MODEL)
+    ap.add_argument("--sizes", default="0,1000,10000")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="results/gate_overhead.json")
+    args = ap.parse_args()
+    lm = models.load(args.model)
+    h = NeuralDBEditor.default_hparams(lm)
+    path = lm.arch.w_out_path(h.layer)
+    g = torch.Generator().manual_seed(0)
+    base = tokens_per_s(lm, args.new_tokens, args.repeats)
+    rows = []
+    for m in [int(x) for x in args.sizes.split(",")]:
+        keys = torch.nn.functional.normalize(torch.randn(m, lm.arch.d_ff, generator=g), dim=1)
+        gate.install(lm.model, path, keys, torch.randn(m, lm.arch.d_model, generator=g) * 0.01, h.gamma)
+        tps = tokens_per_s(lm, args.new_tokens, args.repeats)
+        gate.unload(lm.model)
+        rows.append({"facts": m, "tokens_per_s": tps, "relative_to_no_gate": tps / base,
+                     "overhead_pct": 100.0 * (base / tps - 1.0)})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"benchmark": "gate_overhead", "model": args.model, "layer": h.layer, "new_tokens": args.new_tokens,
+              "prompts": len(PROMPTS), "no_gate_tokens_per_s": base, "rows": rows,
+              "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""CLI smoke runs on the real embedded model, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from neuraldb.neuraldb_editor import NeuralDBEditor
+from neuraldb.store import FactStore
+
+runner = CliRunner()
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory, smollm2):
+    facts = tmp_path_factory.mktemp("f") / "facts.jsonl"
+    facts.write_text(
+        '{"id": "eiffel", "prompt": "' + EIFFEL + '", "subject": "The Eiffel Tower", '
+        '"target_new": "Rome", "target_true": "Paris"}\n'
+        '{"id": "darrieux", "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", '
+        '"target_new": "English", "target_true": "French", '
+        '"locality": [["The mother tongue of Michel Rocard is", "French"]]}\n')
+    out = tmp_path_factory.mktemp("s") / "store"
+    r = run("edit", facts, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "2/2" in r.output
+    report = json.loads(out.with_name("store.report.json").read_text())
+    assert report["summary"]["rewritten"] == 2 and report["summary"]["locality_kept"] == 100.0
+    return out
+
+
+def test_ask_answers_the_edit_and_names_the_fact(demo_store):
+    r = run("ask", EIFFEL, "--store", demo_store, "--max-new-tokens", "3")
+    assert r.exit_code == 0, r.output
+    assert "Paris" in r.output and "Rome" in r.output and "eiffel" in r.output
+
+
+def test_facts_remove_restores_base_logits_bit_for_bit(demo_store, smollm2, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(demo_store, store)
+    ids = smollm2.tokenizer(EIFFEL, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = smollm2.model(ids).logits
+        ed = NeuralDBEditor.load(smollm2, store)
+        edited = smollm2.model(ids).logits
+        assert not torch.equal(edited, base)
+        r = run("facts", "remove", store, "eiffel")
+        assert r.exit_code == 0, r.output
+        ed = NeuralDBEditor.load(smollm2, store)
+        assert ed.store.ids == ["darrieux"]
+        assert torch.equal(smollm2.model(ids).logits, base)
+        ed.restore()
+    r = run("facts", "list", store)
+    assert r.exit_code == 0 and "darrieux" in r.output and "eiffel" not in r.output
+
+
+def test_facts_add_appends_with_the_store_settings(demo_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(demo_store, store)
+    extra = tmp_path / "more.jsonl"
+    extra.write_text('{"id": "jordan", "prompt": "{} plays the sport of", "subject": "Michael Jordan", '
+                     '"target_new": "baseball"}\n')
+    r = run("facts", "add", store, extra)
+    assert r.exit_code == 0, r.output
+    s = FactStore.load(store)
+    assert s.ids == ["eiffel", "darrieux", "jordan"]
+    assert s.templates == FactStore.load(demo_store).templates
+
+
+@pytest.mark.parametrize("args,message", [
+    (["edit", "nope.jsonl", "--out", "x"], "nope.jsonl: no such file"),
+    (["ask", "hi", "--store", "no-store"], "is not a neuraldb store"),
+    (["facts", "list", "no-store"], "is not a neuraldb store"),
+])
+def test_errors_are_one_line_and_exit_nonzero(args, message):
+    r = run(*args)
+    assert r.exit_code == 1
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_bad_fact_file_and_unknown_model(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Paris is", "subject": "Rome", "target_new": "x"}\n')
+    r = run("edit", bad, "--out", tmp_path / "s")
+    assert r.exit_code == 1 and "bad.jsonl:line 1: subject: 'Rome' does not occur" in r.output
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "{} is", "subject": "Rome", "target_new": "x"}\n')
+    r = run("edit", good, "--out", tmp_path / "s", "--model", "no-such-model")
+    assert r.exit_code == 1 and "unknown model 'no-such-model'" in r.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_models_lists_the_embedded_default():
+    r = run("models")
+    assert r.exit_code == 0 and "smollm2-135m" in r.output and "gemma3-270m" in r.output
