@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -88,16 +88,16 @@ def edit(
     out: Path = typer.Option(..., "--out", "-o", help="Store folder to write."),
     model: str = typer.Option("smollm2-135m", help="Model name, local folder or .gguf file."),
     editor: str = typer.Option("neuraldb", help="Editing method."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N facts of the file."),
-    layer: Optional[int] = typer.Option(None, help="Edit layer (default: the model's preset)."),
-    gamma: Optional[float] = typer.Option(None, help="Gate threshold γ (cosine)."),
-    batch_size: Optional[int] = typer.Option(None, help="Facts optimised together."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps per fact."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate of the residual optimisation."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the context templates."),
+    limit: int | None = typer.Option(None, help="Use only the first N facts of the file."),
+    layer: int | None = typer.Option(None, help="Edit layer (default: the model's preset)."),
+    gamma: float | None = typer.Option(None, help="Gate threshold γ (cosine)."),
+    batch_size: int | None = typer.Option(None, help="Facts optimised together."),
+    steps: int | None = typer.Option(None, help="Optimisation steps per fact."),
+    lr: float | None = typer.Option(None, help="Learning rate of the residual optimisation."),
+    seed: int | None = typer.Option(None, help="Seed of the context templates."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (accelerate device_map)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (CUDA)."),
-    report: Optional[Path] = typer.Option(None, help="Where to save the JSON report (default: OUT.report.json)."),
+    report: Path | None = typer.Option(None, help="Where to save the JSON report (default: OUT.report.json)."),
 ) -> None:
     """Write facts into a model and report how many were rewritten and what stayed unchanged."""
     from neuraldb.editor import get_editor

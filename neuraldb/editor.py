@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from neuraldb.facts import EditRequest
 from neuraldb.models import LoadedModel
@@ -31,7 +32,7 @@ class Hparams:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "Hparams":
+    def replace(self, **changes: Any) -> Hparams:
         """A copy with the given fields changed (``None`` values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -66,7 +67,7 @@ class Editor(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, lm: LoadedModel, path: str | Path) -> "Editor":
+    def load(cls, lm: LoadedModel, path: str | Path) -> Editor:
         """Load an artifact saved by :meth:`save` and apply it to ``lm`` (refusing a mismatched model)."""
 
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 class FactFileError(ValueError):
@@ -58,7 +59,7 @@ class EditRequest:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EditRequest":
+    def from_dict(cls, d: dict[str, Any]) -> EditRequest:
         return cls(
             id=d["id"], template=d["prompt"], subject=d["subject"], target_new=d["target_new"],
             target_true=d.get("target_true"), paraphrases=tuple(d.get("paraphrases", ())),

@@ -14,10 +14,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -223,7 +223,7 @@ def load(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32")
         p.requires_grad_(False)
     prepare_tokenizer(tok)
     loaded = LoadedModel(name, model, tok)
-    loaded.arch  # fail early on unsupported architectures
+    arch_of(model)  # fail early on unsupported architectures
     return loaded
 
 

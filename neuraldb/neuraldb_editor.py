@@ -10,10 +10,10 @@ result of a fact does not depend on which facts were written before it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from neuraldb import gate
 from neuraldb.editor import Editor, Hparams, Progress, register
@@ -146,7 +146,7 @@ class NeuralDBEditor(Editor):
         self.store.save(path)
 
     @classmethod
-    def load(cls, lm: LoadedModel, path: str | Path) -> "NeuralDBEditor":
+    def load(cls, lm: LoadedModel, path: str | Path) -> NeuralDBEditor:
         store = FactStore.load(path)
         store.check_model(lm.fingerprint, lm.arch.d_ff, lm.arch.d_model)
         known = set(NeuralDBHparams.__dataclass_fields__)

@@ -125,7 +125,7 @@ class FactStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load(cls, path: str | Path) -> "FactStore":
+    def load(cls, path: str | Path) -> FactStore:
         path = Path(path)
         meta_file, tensors = path / "store.json", path / "tensors.safetensors"
         if not meta_file.is_file() or not tensors.is_file():

@@ -19,8 +19,9 @@ full logits at every step) used by the benchmark and the tests to check the fast
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ class Targets:
     steps: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     @staticmethod
-    def cat(parts: list["Targets"]) -> "Targets":
+    def cat(parts: list[Targets]) -> Targets:
         return Targets(*(torch.cat([getattr(p, f) for p in parts]) for f in
                          ("delta", "keys", "init", "loss", "nll", "steps")))
 
@@ -176,7 +177,7 @@ def loss_index(rows: Rows, offsets: torch.Tensor, first_col: int) -> LossIndex:
 
 def fact_losses(
     logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], idx: LossIndex,
-    kl: "KLIndex", delta: torch.Tensor, init_norm: torch.Tensor, cfg: TargetConfig,
+    kl: KLIndex, delta: torch.Tensor, init_norm: torch.Tensor, cfg: TargetConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-fact (loss, nll, KL log-probs) for logits ``[N, vocab]`` read by ``logits_at(rows, cols)``.
 
@@ -339,7 +340,7 @@ class _Suffix:
     loss: LossIndex
     kl: KLIndex
 
-    def select(self, live: torch.Tensor) -> "_Suffix":
+    def select(self, live: torch.Tensor) -> _Suffix:
         """The rows of the facts marked in ``live`` (``[F]`` bool), indices remapped."""
         keep = live[self.row_fact].nonzero().squeeze(1)
         remap = torch.full((len(self.row_fact),), -1, dtype=torch.long)
@@ -396,41 +397,44 @@ def optimize_full_forward(
     """The reference protocol: one fact at a time, a full forward (all layers, all logits) per step,
     δ added by a hook at the site. Same loss and stopping rule as :func:`optimize`."""
     cfg.validate()
-    model, arch, dev = lm.model, lm.arch, lm.device
-    site_path, _ = _site_modules(lm, cfg)
     parts = []
     for req in requests:
-        rows = build_rows(lm, [req], templates)
-        batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
-        s = batch.anchor
-        kw = dict(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                  position_ids=batch.position_ids.to(dev))
-        with torch.no_grad(), capture(model, inputs={"key": arch.w_out_path(cfg.layer)},
-                                      outputs={"site": site_path}) as got:
-            model(**kw)
-        init = got["site"][rows.bare, s].float().cpu()
-        keys = average_keys(got["key"][:, s].float().cpu(), rows)
-        idx = loss_index(rows, batch.offset, 0)
-        kl = KLIndex(torch.tensor(rows.kl), torch.full((1,), s, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-
-        def loss_fn(delta: torch.Tensor, _live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            def add(_m, _a, out):
-                h = out[0] if isinstance(out, tuple) else out
-                h = h.clone()
-                h[:, s] = h[:, s] + delta[0].to(h.device, h.dtype)
-                return like(out, h)
-
-            with hooks([get_module(model, site_path).register_forward_hook(add)]):
-                logits = model(**kw).logits  # full logits, every position: the reference protocol
-            loss, nll, kl_logp = fact_losses(lambda r, c: logits[r.to(dev), c.to(dev)].float(), idx, kl,
-                                             delta, init.norm(dim=1), cfg)
-            if kl.init is None:  # the first pass has δ = 0: its distribution is the reference
-                kl.init = kl_logp
-            return loss, nll
-
-        delta, loss, nll, steps = _run(loss_fn, 1, arch.d_model, init.norm(dim=1), cfg)
-        parts.append(Targets(delta, keys, init, loss, nll, steps))
+        parts.append(_full_forward_one(lm, req, templates, cfg))
         if progress:
             progress(1)
     return Targets.cat(parts)
 
+
+def _full_forward_one(lm: LoadedModel, req: EditRequest, templates: list[str], cfg: TargetConfig) -> Targets:
+    model, arch, dev = lm.model, lm.arch, lm.device
+    site_path, _ = _site_modules(lm, cfg)
+    rows = build_rows(lm, [req], templates)
+    batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
+    s = batch.anchor
+    kw = dict(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+              position_ids=batch.position_ids.to(dev))
+    probes = {"inputs": {"key": arch.w_out_path(cfg.layer)}, "outputs": {"site": site_path}}
+    with torch.no_grad(), capture(model, **probes) as got:
+        model(**kw)
+    init = got["site"][rows.bare, s].float().cpu()
+    keys = average_keys(got["key"][:, s].float().cpu(), rows)
+    idx = loss_index(rows, batch.offset, 0)
+    kl = KLIndex(torch.tensor(rows.kl), torch.full((1,), s, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+    def loss_fn(delta: torch.Tensor, _live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def add(_m, _a, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h = h.clone()
+            h[:, s] = h[:, s] + delta[0].to(h.device, h.dtype)
+            return like(out, h)
+
+        with hooks([get_module(model, site_path).register_forward_hook(add)]):
+            logits = model(**kw).logits  # full logits, every position: the reference protocol
+        loss, nll, kl_logp = fact_losses(lambda r, c: logits[r.to(dev), c.to(dev)].float(), idx, kl,
+                                         delta, init.norm(dim=1), cfg)
+        if kl.init is None:  # the first pass has δ = 0: its distribution is the reference
+            kl.init = kl_logp
+        return loss, nll
+
+    delta, loss, nll, steps = _run(loss_fn, 1, arch.d_model, init.norm(dim=1), cfg)
+    return Targets(delta, keys, init, loss, nll, steps)

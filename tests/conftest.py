@@ -4,7 +4,7 @@ and (when installed) the real embedded default model."""
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import pytest
@@ -62,7 +62,7 @@ def _config(model_type: str, vocab: int):
 ARCHS = ["llama", "mistral", "qwen2", "gemma3_text", "gpt2", "gptj", "gpt_neox"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tiny_state(model_type: str) -> tuple:
     tok = tiny_tokenizer()
     torch.manual_seed(0)
