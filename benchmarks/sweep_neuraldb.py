@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -56,7 +57,6 @@ def main() -> None:
     ap.add_argument("--clamp", type=float, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    import os
     data = args.data or str(Path(os.environ.get("NEURALDB_DATA", "../shared/data"))
                             / "counterfact/easyedit_mend/counterfact-train.json")
     reqs = load_facts(data, limit=args.n)
@@ -85,17 +85,22 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         editor.restore()
+        save(args, data, reqs, editor, pre, rows)  # after every layer: a stopped sweep keeps its rows
     table = Table(title=f"NeuralDB sweep on {args.model}, {len(reqs)} CounterFact train records")
     for col in rows[0]:
         table.add_column(col)
     for r in rows:
         table.add_row(*[f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()])
     Console().print(table)
+
+
+def save(args: argparse.Namespace, data: str, reqs: list, editor: NeuralDBEditor, pre: dict, rows: list) -> None:
+    if not args.out:
+        return
     result = {"model": args.model, "data": data, "n": len(reqs), "hparams": editor.hparams.to_dict(),
               "pre": {k: 100 * sum(v) / max(1, len(v)) for k, v in pre.items()}, "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

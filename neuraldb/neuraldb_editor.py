@@ -63,7 +63,7 @@ class NeuralDBHparams(Hparams):
 
 # Chosen by `python benchmarks/sweep_neuraldb.py` on CounterFact training records (README).
 PRESETS: dict[str, dict[str, float | int]] = {
-    "smollm2-135m": {"layer": 8, "gamma": 0.65},
+    "smollm2-135m": {"layer": 6, "gamma": 0.65},
     "gemma3-270m": {"layer": 5, "gamma": 0.65},
 }
 

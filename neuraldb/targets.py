@@ -324,10 +324,10 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
 class _Suffix:
     """Everything the per-step pass needs, for the rows from the subject's last token on.
 
-    ``ids``/``pos``: ``[rows, T - cut]``; ``mask``: ``[rows, T]`` (``[rows, T - cut]`` when
-    ``cut`` is 0, i.e. the same); ``block``: block-l outputs
-    ``[rows, T - cut, d_model]``; ``site``: the site's value at the subject's last token
-    ``[rows, d_model]``; ``prefix``: per-layer KV of the first ``cut`` columns.
+    ``ids``/``pos``: ``[rows, T - cut]``; ``mask``: ``[rows, T]`` (whole rows: the cache holds
+    the first ``cut`` columns); ``block``: block-l outputs ``[rows, T - cut, d_model]``; ``site``:
+    the site's value at the subject's last token ``[rows, d_model]``; ``prefix``: per-layer keys
+    and values of the first ``cut`` columns.
     """
 
     ids: torch.Tensor
