@@ -68,6 +68,31 @@ def capture(
         yield store
 
 
+class _Stop(Exception):
+    """Raised by :func:`stop_after`'s hook to end a forward pass early."""
+
+
+@contextmanager
+def stop_after(model: nn.Module, path: str) -> Iterator[None]:
+    """End the one forward pass run inside the block right after module ``path`` has run.
+
+    The layers above ``path`` are never computed; the block is left at that point, so put
+    exactly one forward call inside it and read the results from :func:`capture`, entered
+    *before* this block so that captures on ``path`` itself still fire (hooks run in the order
+    they were registered).
+    """
+    def stop(_m, _a, _o):
+        raise _Stop
+
+    handle = get_module(model, path).register_forward_hook(stop)
+    try:
+        yield
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
 class _StandIn(nn.Module):
     """Replaces a decoder block: returns its input unchanged, or a fixed hidden state."""
 

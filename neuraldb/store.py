@@ -8,25 +8,19 @@ column order, and the sha256 of the tensor file). Same contents → same bytes.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from neuraldb.facts import EditRequest
-from neuraldb.models import dumps
+from neuraldb.files import ArtifactError, read_artifact, write_artifact
 
 FORMAT = "neuraldb-store/1"
 
 
-class StoreError(ValueError):
+class StoreError(ArtifactError):
     """A store is missing, corrupt, or does not belong to the model at hand."""
 
 
@@ -112,33 +106,18 @@ class FactStore:
 
     def save(self, path: str | Path) -> None:
         """Write the store folder atomically: a complete new folder replaces the old one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
         try:
-            tensors = tmp / "tensors.safetensors"
-            save_file({"keys": self.keys.contiguous(), "residuals": self.residuals.contiguous()}, str(tensors))
-            meta = self.meta() | {"tensors_sha256": _sha256(tensors)}
-            (tmp / "store.json").write_text(dumps(meta) + "\n", encoding="utf-8")
-            _swap_in(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            write_artifact(path, "store.json", self.meta(),
+                           {"keys": self.keys, "residuals": self.residuals})
+        except ArtifactError as e:
+            raise StoreError(str(e)) from None
 
     @classmethod
     def load(cls, path: str | Path) -> FactStore:
-        path = Path(path)
-        meta_file, tensors = path / "store.json", path / "tensors.safetensors"
-        if not meta_file.is_file() or not tensors.is_file():
-            raise StoreError(f"{path} is not a neuraldb store (store.json / tensors.safetensors missing)")
         try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{meta_file} is corrupt: {e.msg}") from None
-        if meta.get("format") != FORMAT:
-            raise StoreError(f"{path}: unknown store format {meta.get('format')!r} (expected {FORMAT})")
-        if _sha256(tensors) != meta.get("tensors_sha256"):
-            raise StoreError(f"{tensors} is corrupt: sha256 does not match store.json")
-        t = load_file(str(tensors))
+            meta, t = read_artifact(path, "store.json", FORMAT)
+        except ArtifactError as e:
+            raise StoreError(str(e)) from None
         m = meta["model"]
         store = cls(m["name"], m["fingerprint"], m["model_type"], meta["layer"], meta["gamma"], m["d_ff"],
                     m["d_model"], meta["hparams"], meta["templates"],
@@ -146,25 +125,3 @@ class FactStore:
         if store.keys.shape != (len(store), store.d_ff) or store.residuals.shape != (len(store), store.d_model):
             raise StoreError(f"{path} is corrupt: tensor shapes do not match its {len(store)} facts")
         return store
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _swap_in(new: Path, path: Path) -> None:
-    """Replace folder ``path`` by ``new``; the old folder is removed only after the new one is in place."""
-    if not path.exists():
-        os.replace(new, path)
-        return
-    if not path.is_dir():
-        raise StoreError(f"{path} exists and is not a store folder")
-    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".old-"))
-    os.rmdir(old)
-    os.replace(path, old)
-    os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)

@@ -104,19 +104,24 @@ class Rows:
     templated: list[list[int]]
 
 
-def build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str]) -> Rows:
+def build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str], targets: bool = True) -> Rows:
+    """Rows of ``requests`` under every context template (``templates[0]`` is the bare "{}"), and
+    one KL row per fact. ``targets=False``: prompts only, no KL rows (enough for keys)."""
     rows = Rows([], [], [], [], [], [])
     for i, req in enumerate(requests):
         rows.templated.append([])
         for j, context in enumerate(templates):
-            e = encode_with_subject(lm.tokenizer, req.template, req.subject, context, req.target_new)
+            target = req.target_new if targets else ""
+            e = encode_with_subject(lm.tokenizer, req.template, req.subject, context, target)
             if j == 0:
                 rows.bare.append(len(rows.encoded))
             else:
                 rows.templated[i].append(len(rows.encoded))
-            rows.encoded.append(Encoded(e.ids[:-1], e.n_prompt, e.subject_last))
+            rows.encoded.append(Encoded(e.ids[:-1], e.n_prompt, e.subject_last) if targets else e)
             rows.fact.append(i)
             rows.targets.append(e.ids[e.n_prompt:])
+        if not targets:
+            continue
         rows.kl.append(len(rows.encoded))
         rows.encoded.append(encode_with_subject(lm.tokenizer, KL_TEMPLATE, req.subject))
         rows.fact.append(i)

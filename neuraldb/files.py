@@ -1,0 +1,98 @@
+"""Atomic, checksummed artifact folders: a JSON description beside one safetensors file.
+
+Every artifact neuraldb writes (fact stores, weight edits, statistics caches) goes through
+:func:`write_artifact`: the new folder is written complete under a temporary name and swapped in,
+so an interrupted write never leaves a half-written artifact and never loses the previous one.
+:func:`read_artifact` checks the format tag and the tensor file's sha256 before returning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from neuraldb.models import dumps
+
+TENSORS = "tensors.safetensors"
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is missing, corrupt, or of another kind."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_artifact(path: str | Path, meta_name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` and ``meta`` (plus the tensors' sha256) as folder ``path``, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
+    try:
+        file = tmp / TENSORS
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file))
+        (tmp / meta_name).write_text(dumps(meta | {"tensors_sha256": sha256_file(file)}) + "\n", encoding="utf-8")
+        _swap_in(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_meta(path: str | Path, meta_name: str, fmt: str) -> dict[str, Any]:
+    """The JSON description of artifact ``path``, checked to be of format ``fmt``."""
+    path = Path(path)
+    meta_file = path / meta_name
+    if not meta_file.is_file() or not (path / TENSORS).is_file():
+        raise ArtifactError(f"{path} is not a {fmt.split('/')[0]} artifact ({meta_name} / {TENSORS} missing)")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{meta_file} is corrupt: {e.msg} at line {e.lineno}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ArtifactError(f"{path}: unknown format {found!r} (expected {fmt})")
+    return meta
+
+
+def read_artifact(path: str | Path, meta_name: str, fmt: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(meta, tensors) of artifact ``path``; refuses a wrong format or a tensor file that fails its sha256."""
+    meta = read_meta(path, meta_name, fmt)
+    file = Path(path) / TENSORS
+    if sha256_file(file) != meta.get("tensors_sha256"):
+        raise ArtifactError(f"{file} is corrupt: sha256 does not match {meta_name}")
+    return meta, load_file(str(file))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as deterministic JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(dumps(obj) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Replace folder ``path`` by ``new``; the old folder is removed only after the new one is in place."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    if not path.is_dir():
+        raise ArtifactError(f"{path} exists and is not an artifact folder")
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".old-"))
+    os.rmdir(old)
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
