@@ -156,8 +156,12 @@ def corpus_windows(lm: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
     bos = tok("a", add_special_tokens=True)["input_ids"][:1]
     bos = bos if bos and bos[0] == tok.bos_token_id else []
     stream: list[int] = []
-    for ids in tok(_texts(CORPORA[cfg.corpus]), add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
+    texts = _texts(CORPORA[cfg.corpus])
+    for i in range(0, len(texts), 64):  # tokenise only as much as the windows need
+        for ids in tok(texts[i : i + 64], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+        if len(stream) >= cfg.n_tokens:
+            break
     body = cfg.max_length - len(bos)
     windows, pos, total = [], 0, 0
     while total < cfg.n_tokens:

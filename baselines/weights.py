@@ -14,6 +14,8 @@ the CPU, so:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +89,19 @@ class WeightEdits:
             for layer, e in self.layers.items():
                 self._weight(layer).copy_(e.base)
                 e.u, e.v, e.dense = e.u[:, :0], e.v[:, :0], None
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The base weights inside the block; the edits are re-applied (identically) after it."""
+        with torch.no_grad():
+            for layer, e in self.layers.items():
+                self._weight(layer).copy_(e.base)
+        try:
+            yield
+        finally:
+            for layer, e in self.layers.items():
+                if e.rank or e.dense is not None:
+                    self._apply(layer)
 
     @property
     def n_edits(self) -> int:

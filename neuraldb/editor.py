@@ -53,6 +53,10 @@ class Editor(ABC):
     def default_hparams(cls, lm: LoadedModel) -> Hparams:
         """Hyperparameters for this model (a preset for known models, a rule otherwise)."""
 
+    def prepare(self, progress: Progress | None = None, start: Callable[[int], None] | None = None) -> None:  # noqa: B027
+        """Compute what editing needs before the first fact (e.g. statistics); ``start(total)`` and
+        ``progress(done)`` report long work. Nothing by default."""
+
     @abstractmethod
     def edit(self, requests: list[EditRequest], progress: Progress | None = None) -> None:
         """Write ``requests`` into the model (in place; the editor keeps what ``restore`` needs)."""
@@ -64,6 +68,11 @@ class Editor(ABC):
     @abstractmethod
     def save(self, path: str | Path) -> None:
         """Save the edit artifact (atomically)."""
+
+    @classmethod
+    @abstractmethod
+    def artifact_model(cls, path: str | Path) -> str | None:
+        """The model name recorded in ``path`` when it is this editor's artifact, else None."""
 
     @classmethod
     @abstractmethod
@@ -94,6 +103,22 @@ def get_editor(name: str) -> type[Editor]:
 def editors() -> list[str]:
     _import_builtin()
     return sorted(_REGISTRY)
+
+
+def identify(path: str | Path) -> tuple[type[Editor], str]:
+    """(editor class, model name) of the edit artifact at ``path``.
+
+    Raises:
+        ArtifactError: when no registered editor recognises it.
+    """
+    from neuraldb.files import ArtifactError
+
+    _import_builtin()
+    for cls in _REGISTRY.values():
+        model = cls.artifact_model(path)
+        if model is not None:
+            return cls, model
+    raise ArtifactError(f"{path} is not an edit artifact of any editor ({', '.join(sorted(_REGISTRY))})")
 
 
 def _import_builtin() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from neuraldb.facts import EditRequest
-from neuraldb.hooks import capture, stop_after
+from neuraldb.hooks import capture, get_module, stop_after
 from neuraldb.models import LoadedModel
 from neuraldb.prompts import aligned_batch
 from neuraldb.targets import average_keys, build_rows
@@ -24,38 +24,67 @@ from neuraldb.targets import average_keys, build_rows
 class SubjectKeys:
     """``keys[l]``: ``[F, d_ff]`` template-averaged keys at layer l (float32, CPU);
     ``outputs``: ``[F, d_model]`` the requested block's output at the subject's last token of the
-    bare prompt (float32, CPU), or None when no block was asked for."""
+    bare prompt (float32, CPU), or None when no block was asked for; ``values[l]``: ``[F, d_model]``
+    layer l's FFN output projection output there (the pre-norm value)."""
 
     keys: dict[int, torch.Tensor]
     outputs: torch.Tensor | None
+    values: dict[int, torch.Tensor]
 
 
 @torch.no_grad()
 def subject_keys(
     lm: LoadedModel, requests: list[EditRequest], templates: list[str], layers: list[int],
-    output_layer: int | None = None, batch_size: int = 64,
+    output_layer: int | None = None, batch_size: int = 64, skip_first: bool = False,
 ) -> SubjectKeys:
     """Keys of ``requests`` at every layer in ``layers`` (and block ``output_layer``'s output) in one
-    forward pass per batch of ``batch_size`` facts, stopped after the highest layer needed."""
+    forward pass per batch of ``batch_size`` facts, stopped after the highest layer needed.
+    ``skip_first``: see :func:`neuraldb.targets.average_keys` (off: every row, as MEMIT)."""
     arch = lm.arch
     for layer in [*layers, *([] if output_layer is None else [output_layer])]:
         arch.check_layer(layer)
     top = max([*layers, *([] if output_layer is None else [output_layer])])
     keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     outputs: list[torch.Tensor] = []
+    values: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(requests), batch_size):
         rows = build_rows(lm, requests[start : start + batch_size], templates, targets=False)
         batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
         s, dev = batch.anchor, lm.device
-        probes = {"inputs": {str(layer): arch.w_out_path(layer) for layer in layers},
-                  "outputs": {} if output_layer is None else {"out": arch.layer_path(output_layer)}}
+        outputs_at = {f"v{layer}": arch.w_out_path(layer) for layer in layers}
+        if output_layer is not None:
+            outputs_at["out"] = arch.layer_path(output_layer)
+        probes = {"inputs": {str(layer): arch.w_out_path(layer) for layer in layers}, "outputs": outputs_at}
         with capture(lm.model, **probes, select=lambda t, s=s: t[:, s].float().cpu()) as got:
             with stop_after(lm.model, arch.layer_path(top)):
                 lm.backbone(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
                             position_ids=batch.position_ids.to(dev))
+        bare = torch.tensor(rows.bare)
         for layer in layers:
-            keys[layer].append(average_keys(got[str(layer)], rows))
+            keys[layer].append(average_keys(got[str(layer)], rows, skip_first))
+            values[layer].append(got[f"v{layer}"][bare])
         if output_layer is not None:
-            outputs.append(got["out"][torch.tensor(rows.bare)])
+            outputs.append(got["out"][bare])
     return SubjectKeys({layer: torch.cat(k) for layer, k in keys.items()},
-                       torch.cat(outputs) if outputs else None)
+                       torch.cat(outputs) if outputs else None,
+                       {layer: torch.cat(v) for layer, v in values.items()})
+
+
+def value_residuals(lm: LoadedModel, layer: int, values: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """Residuals of the block's output ``[F, d_model]`` → changes of the FFN output projection's output.
+
+    Without a post-FFN norm they are the same. With one (Gemma-3: ``h += norm(W k)``), the change
+    ``r`` of ``norm(v)`` is mapped back through the norm's Jacobian at the current value ``v``
+    (``values`` ``[F, d_model]``): ``Δv = J⁺ r``, the least-norm first-order pre-image. A norm is
+    scale-invariant, so the part of ``r`` along ``norm(v)``'s scaling direction is not reachable.
+    """
+    path = lm.arch.post_norm_path(layer)
+    if path is None:
+        return resid
+    norm = get_module(lm.model, path)
+    dev = lm.device
+    with torch.no_grad():
+        jac = torch.func.vmap(torch.func.jacrev(lambda v: norm(v.unsqueeze(0)).squeeze(0)))(
+            values.to(dev, next(norm.parameters()).dtype)).double().cpu()  # [F, d_model, d_model]
+    # rtol drops the (near-)zero singular value of the scale direction (non-zero only through eps)
+    return (torch.linalg.pinv(jac, rtol=1e-4) @ resid.double().unsqueeze(2)).squeeze(2).float()

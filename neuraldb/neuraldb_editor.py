@@ -18,7 +18,9 @@ from pathlib import Path
 from neuraldb import gate
 from neuraldb.editor import Editor, Hparams, Progress, register
 from neuraldb.facts import EditRequest
+from neuraldb.files import ArtifactError, read_meta
 from neuraldb.models import LoadedModel
+from neuraldb.store import FORMAT as STORE_FORMAT
 from neuraldb.store import FactStore, StoreError
 from neuraldb.targets import TargetConfig, Targets, optimize
 from neuraldb.templates import context_templates
@@ -144,6 +146,13 @@ class NeuralDBEditor(Editor):
     def save(self, path: str | Path) -> None:
         self.templates()
         self.store.save(path)
+
+    @classmethod
+    def artifact_model(cls, path: str | Path) -> str | None:
+        try:
+            return read_meta(path, "store.json", STORE_FORMAT)["model"]["name"]
+        except ArtifactError:
+            return None
 
     @classmethod
     def load(cls, lm: LoadedModel, path: str | Path) -> NeuralDBEditor:

@@ -48,6 +48,7 @@ class TargetConfig:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
+    skip_first_token_keys: bool = True  # see average_keys
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -129,19 +130,21 @@ def build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str
     return rows
 
 
-def average_keys(row_keys: torch.Tensor, rows: Rows) -> torch.Tensor:
+def average_keys(row_keys: torch.Tensor, rows: Rows, skip_first: bool = True) -> torch.Tensor:
     """``[rows, d_ff]`` → ``[facts, d_ff]``: ½·bare + ½·mean(templated), or one of the two alone.
 
-    A row whose subject ends on the first token (position 0) is left out: there the key is the
-    attention-sink activation shared by every first token (cosine ≈ 0.99 between any two
-    subjects), which would make the fact fire on the first token of every prompt.
+    With ``skip_first`` (NeuralDB), a row whose subject ends on the first token (position 0) is
+    left out: there the key is the attention-sink activation shared by every first token
+    (cosine ≈ 0.99 between any two subjects), which would make the fact fire on the first token
+    of every prompt. MEMIT / AlphaEdit average every row, as their reference does.
     """
+    first = 0 if skip_first else -1
     out = []
     for bare, templated in zip(rows.bare, rows.templated):
         parts = []
-        if rows.encoded[bare].subject_last > 0:
+        if rows.encoded[bare].subject_last > first:
             parts.append(row_keys[bare])
-        usable = [r for r in templated if rows.encoded[r].subject_last > 0]
+        usable = [r for r in templated if rows.encoded[r].subject_last > first]
         if usable:
             parts.append(row_keys[usable].mean(0))
         if not parts:
@@ -294,7 +297,7 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
         loss=loss_index(rows, batch.offset, cut),
         kl=KLIndex(kl_rows, torch.full((len(requests),), s - cut, dtype=torch.long), torch.arange(len(requests)),
                    torch.log_softmax(lm.logits(final[kl_rows.to(dev), s]), -1)))
-    keys = average_keys(got["key"][:, s].float().cpu(), rows)
+    keys = average_keys(got["key"][:, s].float().cpu(), rows, cfg.skip_first_token_keys)
     init = suffix.site[torch.tensor(rows.bare)].cpu()
     del cache, final, got
     init_norm = init.norm(dim=1)
@@ -422,7 +425,7 @@ def _full_forward_one(lm: LoadedModel, req: EditRequest, templates: list[str], c
     with torch.no_grad(), capture(model, **probes) as got:
         model(**kw)
     init = got["site"][rows.bare, s].float().cpu()
-    keys = average_keys(got["key"][:, s].float().cpu(), rows)
+    keys = average_keys(got["key"][:, s].float().cpu(), rows, cfg.skip_first_token_keys)
     idx = loss_index(rows, batch.offset, 0)
     kl = KLIndex(torch.tensor(rows.kl), torch.full((1,), s, dtype=torch.long), torch.zeros(1, dtype=torch.long))
 
