@@ -35,13 +35,16 @@ def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from neuraldb.arch import UnsupportedModelError
+        from neuraldb.data import DataNotFoundError
         from neuraldb.facts import FactFileError
+        from neuraldb.files import ArtifactError
         from neuraldb.models import ModelNotAvailableError
-        from neuraldb.store import StoreError
 
+        known = (FactFileError, ArtifactError, ModelNotAvailableError, UnsupportedModelError, DataNotFoundError,
+                 ValueError, KeyError)
         try:
             return fn(*args, **kwargs)
-        except (FactFileError, StoreError, ModelNotAvailableError, UnsupportedModelError, ValueError, KeyError) as e:
+        except known as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
@@ -77,8 +80,32 @@ def _edit_with_progress(editor: Any, requests: list, **kw: Any) -> None:
         editor.edit(requests, progress=lambda n: bar.advance(task, n), **kw)
 
 
-def _hparams(editor_cls: Any, lm: Any, **overrides: Any) -> Any:
-    return editor_cls.default_hparams(lm).replace(**overrides)
+def _hparams(editor_cls: Any, lm: Any, assignments: list[str], **options: Any) -> Any:
+    """The editor's defaults for ``lm``, then ``--hparam KEY=VALUE``, then the named options given."""
+    hp = editor_cls.default_hparams(lm).parse(assignments)
+    fields = hp.to_dict()
+    for name, value in options.items():
+        if value is not None and name not in fields:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} does not apply to {editor_cls.name} (its hyperparameters: {', '.join(fields)})")
+    return hp.replace(**options)
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated layer numbers, got {text!r}") from None
+
+
+def _prepare(editor: Any) -> None:
+    """Run the editor's preparation (e.g. statistics) with a progress bar when it has long work."""
+    with _progress() as bar:
+        task: list[Any] = []
+        editor.prepare(progress=lambda n: bar.advance(task[0], n),
+                       start=lambda total: task.append(bar.add_task("statistics (tokens)", total=total)))
 
 
 @app.command()
@@ -89,17 +116,23 @@ def edit(
     model: str = typer.Option("smollm2-135m", help="Model name, local folder or .gguf file."),
     editor: str = typer.Option("neuraldb", help="Editing method."),
     limit: int | None = typer.Option(None, help="Use only the first N facts of the file."),
-    layer: int | None = typer.Option(None, help="Edit layer (default: the model's preset)."),
-    gamma: float | None = typer.Option(None, help="Gate threshold γ (cosine)."),
-    batch_size: int | None = typer.Option(None, help="Facts optimised together."),
+    layer: int | None = typer.Option(None, help="NeuralDB's edit layer (default: the model's preset)."),
+    layers: str | None = typer.Option(None, help="MEMIT / AlphaEdit edit layers, e.g. 3,4,5,6,7."),
+    gamma: float | None = typer.Option(None, help="NeuralDB's gate threshold γ (cosine)."),
+    batch_size: int | None = typer.Option(None, help="NeuralDB: facts optimised together; MEMIT / AlphaEdit: "
+                                                     "facts per sequential batch (default 100)."),
     steps: int | None = typer.Option(None, help="Optimisation steps per fact."),
     lr: float | None = typer.Option(None, help="Learning rate of the residual optimisation."),
     seed: int | None = typer.Option(None, help="Seed of the context templates."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (accelerate device_map)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (CUDA)."),
     report: Path | None = typer.Option(None, help="Where to save the JSON report (default: OUT.report.json)."),
+    hparam: list[str] = typer.Option([], "--hparam", "-H", help="Any hyperparameter as KEY=VALUE (repeatable)."),
 ) -> None:
-    """Write facts into a model and report how many were rewritten and what stayed unchanged."""
+    """Write facts into a model and report how many were rewritten and what stayed unchanged.
+
+    OUT is a NeuralDB fact store or, for MEMIT / AlphaEdit, a reversible weight-edit artifact;
+    `neuraldb ask --edits OUT` uses either."""
     from neuraldb.editor import get_editor
     from neuraldb.facts import load_facts
     from neuraldb.scoring import edit_report, preferences
@@ -107,11 +140,14 @@ def edit(
     requests = load_facts(facts, limit=limit)
     cls = get_editor(editor)
     lm = _load_model(model, device, dtype)
-    hp = _hparams(cls, lm, layer=layer, gamma=gamma, batch_size=batch_size, steps=steps, lr=lr, seed=seed)
+    hp = _hparams(cls, lm, hparam, layer=layer, layers=_layers(layers), gamma=gamma, batch_size=batch_size,
+                  steps=steps, lr=lr, seed=seed)
     ed = cls(lm, hp)
-    _warn_first_token_subjects(lm, requests)
+    if editor == "neuraldb":
+        _warn_first_token_subjects(lm, requests)
     with err.status("scoring the unedited model …"):
         before = preferences(lm, requests)
+    _prepare(ed)
     _edit_with_progress(ed, requests)
     with err.status("scoring the edited model …"):
         after = preferences(lm, requests)
@@ -159,28 +195,37 @@ def _generate(lm: Any, prompt: str, max_new_tokens: int) -> tuple[list[int], lis
 @fails_cleanly
 def ask(
     prompt: str = typer.Argument(..., help="Prompt to complete."),
-    store: Path = typer.Option(..., "--store", "-s", help="NeuralDB store folder."),
+    edits: Path = typer.Option(..., "--edits", "--store", "-s",
+                               help="Edit artifact: a NeuralDB store or MEMIT / AlphaEdit weight edits."),
     max_new_tokens: int = typer.Option(12, help="Tokens to generate."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
 ) -> None:
-    """Complete PROMPT with the base and the edited model side by side, and show which facts fired."""
-    from neuraldb.neuraldb_editor import NeuralDBEditor
-    from neuraldb.store import FactStore
+    """Complete PROMPT with the base and the edited model side by side (and, for NeuralDB, show
+    which facts fired)."""
+    from neuraldb.editor import identify
 
-    meta = FactStore.load(store)
-    lm = _load_model(meta.model_name, device, dtype)
-    ed = NeuralDBEditor.load(lm, store)
-    with ed.disabled():
-        _, base = _generate(lm, prompt, max_new_tokens)
-    with ed.tracing() as trace:
+    cls, model_name = identify(edits)
+    lm = _load_model(model_name, device, dtype)
+    _, base = _generate(lm, prompt, max_new_tokens)  # before the edits are loaded: the base model
+    ed = cls.load(lm, edits)
+    tracing = getattr(ed, "tracing", None)
+    trace: list = []
+    if tracing is not None:
+        with tracing() as trace:
+            prompt_ids, edited = _generate(lm, prompt, max_new_tokens)
+    else:
         prompt_ids, edited = _generate(lm, prompt, max_new_tokens)
     tok = lm.tokenizer
     table = Table(title=prompt, show_lines=True)
     table.add_column("base model")
-    table.add_column(f"edited ({len(ed.store)} facts)")
+    table.add_column(f"edited ({cls.name}, {_count_facts(ed)} facts)")
     table.add_row(tok.decode(base, skip_special_tokens=True), tok.decode(edited, skip_special_tokens=True))
     console.print(table)
+    if tracing is None:
+        layers = ", ".join(str(x) for x in ed.hparams.layers)
+        console.print(f"{cls.name} folds its edits into the weights of layers {layers}: no per-fact attribution")
+        return
     fired = _fired(trace, prompt_ids + edited, ed, tok)
     if fired:
         ft = Table(title="facts that fired")
@@ -191,6 +236,10 @@ def ask(
         console.print(ft)
     else:
         console.print("no stored fact fired (the output is the base model's)")
+
+
+def _count_facts(ed: Any) -> int:
+    return len(ed.store) if hasattr(ed, "store") else len(ed.facts)
 
 
 def _fired(trace: list, ids: list[int], ed: Any, tok: Any) -> list[tuple[str, ...]]:
@@ -209,17 +258,41 @@ def _fired(trace: list, ids: list[int], ed: Any, tok: Any) -> list[tuple[str, ..
 
 @facts_app.command("list")
 @fails_cleanly
-def facts_list(store: Path = typer.Argument(..., help="Store folder.")) -> None:
-    """Show the facts of a store."""
+def facts_list(store: Path = typer.Argument(..., help="NeuralDB store or weight-edit artifact.")) -> None:
+    """Show the facts of a store (or of MEMIT / AlphaEdit weight edits)."""
+    from neuraldb.editor import identify
+    from neuraldb.files import read_meta
     from neuraldb.store import FactStore
 
-    s = FactStore.load(store)
-    table = Table(title=f"{store}: {len(s)} facts, model {s.model_name}, layer {s.layer}, γ {s.gamma}")
+    cls, _ = identify(store)
+    if cls.name == "neuraldb":
+        s = FactStore.load(store)
+        title = f"{store}: {len(s)} facts, model {s.model_name}, layer {s.layer}, γ {s.gamma}"
+        facts = s.facts
+    else:
+        from baselines.closed_form import FORMAT, META
+        from neuraldb.facts import EditRequest
+
+        meta = read_meta(store, META, FORMAT)
+        facts = [EditRequest.from_dict(f) for f in meta["facts"]]
+        layers = ", ".join(str(x) for x in meta["hparams"]["layers"])
+        title = f"{store}: {len(facts)} facts, {cls.name} on {meta['model']['name']}, layers {layers}"
+    table = Table(title=title)
     for col in ("id", "prompt", "subject", "target_new", "target_true"):
         table.add_column(col)
-    for f in s.facts:
+    for f in facts:
         table.add_row(f.id, f.template, f.subject, f.target_new, f.target_true or "")
     console.print(table)
+
+
+def _neuraldb_store(path: Path) -> None:
+    """Refuse weight-edit artifacts where a NeuralDB store is needed, saying why."""
+    from neuraldb.editor import identify
+
+    cls, _ = identify(path)
+    if cls.name != "neuraldb":
+        raise ValueError(f"{path} holds {cls.name} weight edits: they are folded into the weights, so facts cannot "
+                         "be added or removed one by one (edit again from the base model)")
 
 
 @facts_app.command("remove")
@@ -231,6 +304,7 @@ def facts_remove(
     """Remove facts by id (the store is rewritten atomically)."""
     from neuraldb.store import FactStore
 
+    _neuraldb_store(store)
     s = FactStore.load(store)
     s.remove(ids)
     s.save(store)
@@ -251,6 +325,7 @@ def facts_add(
     from neuraldb.neuraldb_editor import NeuralDBEditor
     from neuraldb.store import FactStore
 
+    _neuraldb_store(store)
     requests = load_facts(facts)
     meta = FactStore.load(store)
     lm = _load_model(meta.model_name, device, dtype)
@@ -258,6 +333,38 @@ def facts_add(
     _edit_with_progress(ed, requests, replace=replace)
     ed.save(store)
     console.print(f"added {len(requests)} fact(s); {len(ed.store)} in {store}")
+
+
+@app.command()
+@fails_cleanly
+def stats(
+    model: str = typer.Option("smollm2-135m", help="Model name, local folder or .gguf file."),
+    layers: str = typer.Option(..., help="Layers, e.g. 3,4,5,6,7 (all computed in one pass)."),
+    corpus: str = typer.Option("wikitext", help="Local corpus under $NEURALDB_DATA: wikitext or lambada."),
+    tokens: int = typer.Option(300_000, help="Tokens the statistics cover."),
+    max_length: int = typer.Option(256, help="Tokens per window."),
+    dtype: str = typer.Option("float32", "--stats-dtype", help="Accumulation dtype: float32 or float64."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Compute (or find cached) the second moments E[k kᵀ] MEMIT and AlphaEdit need."""
+    from baselines.covariance import StatsConfig, second_moments, stats_path
+
+    lm = _load_model(model, device, "float32")
+    cfg = StatsConfig(corpus=corpus, n_tokens=tokens, max_length=max_length, dtype=dtype)
+    wanted = list(_layers(layers) or ())
+    with _progress() as bar:
+        task: list[Any] = []
+        got = second_moments(lm, wanted, cfg, progress=lambda n: bar.advance(task[0], n),
+                             start=lambda total: task.append(bar.add_task("statistics (tokens)", total=total)))
+    table = Table(title=f"second moments of {model}: {got.forward_passes} forward passes for {len(got.computed)} "
+                        f"layer(s) computed")
+    for col in ("layer", "source", "trace", "cache folder"):
+        table.add_column(col)
+    for layer in sorted(got.mom2):
+        c = got.mom2[layer]
+        table.add_row(str(layer), "computed" if layer in got.computed else "cache", f"{float(c.trace()):.4g}",
+                      str(stats_path(lm, layer, cfg)))
+    console.print(table)
 
 
 @app.command("models")

@@ -123,9 +123,14 @@ class ClosedFormEditor(Editor):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, lm: LoadedModel, hparams: ClosedFormHparams | None = None):
+    def __init__(self, lm: LoadedModel, hparams: ClosedFormHparams | None = None,
+                 target_cache: dict[tuple[Any, ...], Targets] | None = None):
+        """``target_cache``: an optional dict shared between editors of the same model (MEMIT's
+        ``--use_cache``): targets computed against the unedited model are reused, keyed by fact
+        and target hyperparameters. Later sequential batches never use it."""
         _ = lm.fingerprint  # of the base model: computed before any weight changes
         super().__init__(lm, hparams)
+        self.target_cache = target_cache
         self.weights = WeightEdits(lm, list(self.hparams.layers))
         self.facts: list[EditRequest] = []
         self.templates: list[str] = []
@@ -200,7 +205,7 @@ class ClosedFormEditor(Editor):
         h = self.hparams
         layers = list(h.layers)
         last = layers[-1]
-        targets = optimize(self.lm, requests, templates, h.target_config(), h.z_batch_size, progress)
+        targets = self._targets(requests, templates, progress)
         z = targets.init + targets.delta  # [n, d_model] target block-L outputs
         self.last_targets = targets
         for i, layer in enumerate(layers):
@@ -210,6 +215,21 @@ class ClosedFormEditor(Editor):
             u, v = self.solve(layer, got.keys[layer], resid)
             self.weights.add(layer, u, v)
         self.after_batch(requests)
+
+    def _targets(self, requests: list[EditRequest], templates: list[str], progress: Progress | None) -> Targets:
+        h, cache = self.hparams, self.target_cache
+        if cache is None or self.weights.n_edits:
+            return optimize(self.lm, requests, templates, h.target_config(), h.z_batch_size, progress)
+        keys = [(self.lm.fingerprint, r.id, tuple(templates), h.target_config()) for r in requests]
+        todo = [(r, k) for r, k in zip(requests, keys) if k not in cache]
+        if todo:
+            fresh = optimize(self.lm, [r for r, _ in todo], templates, h.target_config(), h.z_batch_size)
+            for i, (_, k) in enumerate(todo):
+                cache[k] = Targets(*(getattr(fresh, f)[i : i + 1] for f in
+                                     ("delta", "keys", "init", "loss", "nll", "steps")))
+        if progress:
+            progress(len(requests))
+        return Targets.cat([cache[k] for k in keys])
 
     def restore(self) -> None:
         self.weights.restore()

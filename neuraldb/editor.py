@@ -33,8 +33,42 @@ class Hparams:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> Hparams:
-        """A copy with the given fields changed (``None`` values are ignored)."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with the given fields changed (``None`` values are ignored).
+
+        Raises:
+            ValueError: naming a field this editor does not have, and the ones it has.
+        """
+        changes = {k: v for k, v in changes.items() if v is not None}
+        names = [f.name for f in dataclasses.fields(self)]
+        if unknown := sorted(set(changes) - set(names)):
+            raise ValueError(f"{type(self).__name__} has no hyperparameter {', '.join(unknown)}; "
+                             f"it has: {', '.join(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def parse(self, assignments: list[str]) -> Hparams:
+        """A copy with ``KEY=VALUE`` strings applied, each value read as the type of the field's
+        current value (``layers=3,4,5`` for tuples, ``true``/``false`` for flags)."""
+        changes: dict[str, Any] = {}
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or not hasattr(self, key):
+                self.replace(**{key or item: 0})  # raises the error that lists the fields
+            changes[key] = _convert(raw.strip(), getattr(self, key), key)
+        return self.replace(**changes)
+
+
+def _convert(raw: str, current: Any, key: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        if isinstance(current, tuple):
+            return tuple(int(x) for x in raw.split(",") if x.strip())
+        return type(current)(raw)
+    except ValueError:
+        raise ValueError(f"hyperparameter {key}: cannot read {raw!r} as {type(current).__name__}") from None
 
 
 class Editor(ABC):

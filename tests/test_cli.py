@@ -79,8 +79,9 @@ def test_facts_add_appends_with_the_store_settings(demo_store, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["edit", "nope.jsonl", "--out", "x"], "nope.jsonl: no such file"),
-    (["ask", "hi", "--store", "no-store"], "is not a neuraldb store"),
-    (["facts", "list", "no-store"], "is not a neuraldb store"),
+    (["ask", "hi", "--store", "no-store"], "no-store is not an edit artifact of any editor"),
+    (["facts", "list", "no-store"], "no-store is not an edit artifact of any editor"),
+    (["edit", "nope.jsonl", "--out", "x", "--editor", "rome"], "unknown editor 'rome'"),
 ])
 def test_errors_are_one_line_and_exit_nonzero(args, message):
     r = run(*args)
@@ -103,3 +104,40 @@ def test_bad_fact_file_and_unknown_model(tmp_path):
 def test_models_lists_the_embedded_default():
     r = run("models")
     assert r.exit_code == 0 and "smollm2-135m" in r.output and "gemma3-270m" in r.output
+
+
+@pytest.fixture(scope="module")
+def memit_edits(tmp_path_factory, smollm2):
+    facts = tmp_path_factory.mktemp("f") / "facts.jsonl"
+    facts.write_text('{"id": "eiffel", "prompt": "' + EIFFEL + '", "subject": "The Eiffel Tower", '
+                     '"target_new": "Rome", "target_true": "Paris"}\n')
+    out = tmp_path_factory.mktemp("m") / "memit"
+    r = run("edit", facts, "--out", out, "--editor", "memit", "--layers", "3,4,5,6,7",
+            "--hparam", "stats_tokens=4096", "-H", "stats_max_length=128")
+    assert r.exit_code == 0, r.output
+    assert "1/1" in r.output
+    return out
+
+
+def test_memit_edit_and_ask_with_the_same_flags(memit_edits, smollm2):
+    ids = smollm2.tokenizer(EIFFEL, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = smollm2.model(ids).logits
+    r = run("ask", EIFFEL, "--edits", memit_edits, "--max-new-tokens", "3")
+    assert r.exit_code == 0, r.output
+    assert "Paris" in r.output and "Rome" in r.output and "memit" in r.output
+    with torch.no_grad():
+        assert torch.equal(smollm2.model(ids).logits, base), "the CLI loaded its own copy; ours is untouched"
+    r = run("facts", "list", memit_edits)
+    assert r.exit_code == 0 and "eiffel" in r.output and "layers 3, 4, 5, 6, 7" in r.output
+    r = run("facts", "remove", memit_edits, "eiffel")
+    assert r.exit_code == 1 and "folded into the weights" in r.output
+
+
+def test_options_of_another_editor_are_refused(tmp_path):
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "{} is", "subject": "Rome", "target_new": "x"}\n')
+    r = run("edit", facts, "--out", tmp_path / "o", "--editor", "memit", "--gamma", "0.5")
+    assert r.exit_code == 1 and "--gamma does not apply to memit" in r.output
+    r = run("edit", facts, "--out", tmp_path / "o", "--hparam", "nope=1")
+    assert r.exit_code == 1 and "has no hyperparameter nope" in r.output
