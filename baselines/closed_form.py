@@ -27,41 +27,33 @@ import torch
 
 from baselines.covariance import StatsConfig, second_moments
 from baselines.weights import WeightEdits
-from neuraldb.editor import Editor, Hparams, Progress
+from neuraldb.editor import Editor, Progress
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_artifact, read_meta, write_artifact
 from neuraldb.keys import subject_keys, value_residuals
 from neuraldb.models import LoadedModel
-from neuraldb.targets import TargetConfig, Targets, optimize
+from neuraldb.targets import TargetConfig, TargetHparams, Targets, optimize
 from neuraldb.templates import context_templates
 
 FORMAT = "neuraldb-weight-edits/1"
 META = "edits.json"
 
 
-@dataclass(frozen=True)
-class ClosedFormHparams(Hparams):
+@dataclass(frozen=True, kw_only=True)
+class ClosedFormHparams(TargetHparams):
     """Hyperparameters shared by MEMIT and AlphaEdit (names follow their JSON configs).
 
-    ``layers``: the edited layers (the target is optimised at the last one); ``steps`` … ``kl_factor``:
-    the target optimisation (``v_num_grad_steps``, ``v_lr``, ``v_weight_decay``,
-    ``clamp_norm_factor``, ``kl_factor``); ``batch_size``: facts per sequential closed-form batch;
-    ``z_batch_size``: facts whose targets are optimised together (memory only, same result);
-    ``stats_*``: the second-moment statistics (:class:`baselines.covariance.StatsConfig`).
+    ``layers``: the edited layers (the target is optimised at the last one; the target fields are
+    :class:`neuraldb.targets.TargetHparams`, with MEMIT's clamp 0.75); ``batch_size``: facts per
+    sequential closed-form batch; ``z_batch_size``: facts whose targets are optimised together
+    (memory only, same result); ``stats_*``: the second-moment statistics
+    (:class:`baselines.covariance.StatsConfig`).
     """
 
     layers: tuple[int, ...]
-    steps: int = 25
-    lr: float = 0.5
-    weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
     batch_size: int = 100
     z_batch_size: int = 32
-    n_templates: int = 5
-    template_length: int = 10
-    seed: int = 0
     stats_corpus: str = "wikitext"
     stats_tokens: int = 300_000
     stats_max_length: int = 256
@@ -77,11 +69,9 @@ class ClosedFormHparams(Hparams):
         self.target_config().validate()
         self.stats_config().validate()
 
-    def target_config(self) -> TargetConfig:
-        return TargetConfig(layer=self.layers[-1], site="block", steps=self.steps, lr=self.lr,
-                            weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-                            kl_factor=self.kl_factor, early_stop_loss=self.early_stop_loss,
-                            skip_first_token_keys=False)
+    def target_config(self) -> TargetConfig:  # type: ignore[override]
+        """δ added to the last edit layer's block output; keys averaged over every row, as MEMIT."""
+        return super().target_config(self.layers[-1], "block", skip_first=False)
 
     def stats_config(self) -> StatsConfig:
         return StatsConfig(corpus=self.stats_corpus, n_tokens=self.stats_tokens, max_length=self.stats_max_length,

@@ -16,38 +16,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neuraldb import gate
-from neuraldb.editor import Editor, Hparams, Progress, register
+from neuraldb.editor import Editor, Progress, register
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_meta
 from neuraldb.models import LoadedModel
 from neuraldb.store import FORMAT as STORE_FORMAT
 from neuraldb.store import FactStore, StoreError
-from neuraldb.targets import TargetConfig, Targets, optimize
+from neuraldb.targets import TargetConfig, TargetHparams, Targets, optimize
 from neuraldb.templates import context_templates
 
 
 @dataclass(frozen=True)
-class NeuralDBHparams(Hparams):
+class NeuralDBHparams(TargetHparams):
     """Hyperparameters of NeuralDB editing.
 
-    ``layer``/``gamma``: the edit layer and the cosine threshold of the gate. The remaining fields
-    drive the residual optimisation (:class:`neuraldb.targets.TargetConfig`); ``batch_size`` is
-    the number of facts optimised together; ``n_templates``/``template_length``/``seed`` the
-    context templates.
+    ``layer``/``gamma``: the edit layer and the cosine threshold of the gate; ``batch_size``: the
+    number of facts optimised together; the residual optimisation and context templates:
+    :class:`neuraldb.targets.TargetHparams`.
     """
 
     layer: int
     gamma: float = 0.65
-    steps: int = 25
-    lr: float = 0.5
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
     batch_size: int = 32
-    n_templates: int = 5
-    template_length: int = 10
-    seed: int = 0
 
     def validate(self, lm: LoadedModel) -> None:
         lm.arch.check_layer(self.layer)
@@ -57,10 +47,8 @@ class NeuralDBHparams(Hparams):
             raise ValueError("batch_size must be at least 1")
         self.target_config().validate()
 
-    def target_config(self) -> TargetConfig:
-        return TargetConfig(layer=self.layer, site="ffn", steps=self.steps, lr=self.lr,
-                            weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-                            kl_factor=self.kl_factor, early_stop_loss=self.early_stop_loss)
+    def target_config(self) -> TargetConfig:  # type: ignore[override]
+        return super().target_config(self.layer, "ffn")
 
 
 # Chosen by `python benchmarks/sweep_neuraldb.py` on CounterFact training records (README).

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from neuraldb.editor import Hparams
 from neuraldb.facts import EditRequest
 from neuraldb.hooks import cache_from, capture, get_module, hooks, like, prefix_cache, start_at_layer
 from neuraldb.models import LoadedModel
@@ -55,6 +56,28 @@ class TargetConfig:
             raise ValueError("steps must be at least 1")
         if self.lr <= 0 or self.clamp_norm_factor <= 0:
             raise ValueError("lr and clamp_norm_factor must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetHparams(Hparams):
+    """The target-optimisation and context-template fields every locate-and-edit editor has
+    (``v_num_grad_steps``, ``v_lr``, ``v_weight_decay``, ``clamp_norm_factor``, ``kl_factor``;
+    ``n_templates`` prefixes of ``template_length`` tokens generated with ``seed``)."""
+
+    steps: int = 25
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    n_templates: int = 5
+    template_length: int = 10
+    seed: int = 0
+
+    def target_config(self, layer: int, site: Literal["ffn", "block"], skip_first: bool = True) -> TargetConfig:
+        return TargetConfig(layer=layer, site=site, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay,
+                            clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
+                            early_stop_loss=self.early_stop_loss, skip_first_token_keys=skip_first)
 
 
 @dataclass
