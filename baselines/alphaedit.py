@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      kl_factor=0.0625, nullspace_threshold=2e-2, l2=10.0),
     "llama3-8b": dict(layers=(4, 5, 6, 7, 8), steps=25, lr=0.1, weight_decay=0.5, clamp_norm_factor=0.75,
                       kl_factor=0.0625, nullspace_threshold=2e-2, l2=10.0),
-    "smollm2-135m": dict(layers=(3, 4, 5, 6, 7), nullspace_threshold=2e-2, l2=10.0),
+    "smollm2-135m": dict(layers=(3, 4, 5, 6, 7), nullspace_threshold=2e-2, l2=10.0),  # measured (README)
     "gemma3-270m": dict(layers=(2, 3, 4, 5, 6), nullspace_threshold=2e-2, l2=10.0),
 }
 
@@ -74,8 +74,8 @@ class AlphaEditEditor(ClosedFormEditor):
     hparams_cls = AlphaEditHparams
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
 
-    def __init__(self, lm: LoadedModel, hparams: AlphaEditHparams | None = None):
-        super().__init__(lm, hparams)
+    def __init__(self, lm: LoadedModel, hparams: AlphaEditHparams | None = None, **kwargs: Any):
+        super().__init__(lm, hparams, **kwargs)
         self.projectors: dict[int, torch.Tensor] = {}
         self.cache: dict[int, torch.Tensor] = {}
 

@@ -67,3 +67,16 @@ def test_registry_and_validation():
         NeuralDBEditor(tiny_model("llama"), NeuralDBHparams(layer=9))
     with pytest.raises(ValueError, match="gamma"):
         NeuralDBEditor(tiny_model("llama"), NeuralDBHparams(layer=1, gamma=1.5))
+
+
+def test_hparams_parse_reads_each_field_as_its_type():
+    hp = NeuralDBHparams(layer=2)
+    got = hp.parse(["gamma=0.7", "steps=5", "seed=3"])
+    assert (got.gamma, got.steps, got.seed, got.layer) == (0.7, 5, 3, 2)
+    with pytest.raises(ValueError, match="has no hyperparameter nope"):
+        hp.parse(["nope=1"])
+    with pytest.raises(ValueError, match="steps: cannot read 'many' as int"):
+        hp.parse(["steps=many"])
+    from baselines.memit import MEMITHparams
+
+    assert MEMITHparams(layers=(1, 2)).parse(["layers=3,4,5"]).layers == (3, 4, 5)
