@@ -347,7 +347,7 @@ def stats(
     device: str = typer.Option("cpu"),
 ) -> None:
     """Compute (or find cached) the second moments E[k kᵀ] MEMIT and AlphaEdit need."""
-    from baselines.covariance import StatsConfig, second_moments, stats_path
+    from baselines.covariance import StatsConfig, corpus_windows, second_moments, stats_path, windows_sha
 
     lm = _load_model(model, device, "float32")
     cfg = StatsConfig(corpus=corpus, n_tokens=tokens, max_length=max_length, dtype=dtype)
@@ -360,10 +360,11 @@ def stats(
                         f"layer(s) computed")
     for col in ("layer", "source", "trace", "cache folder"):
         table.add_column(col)
+    sha = windows_sha(corpus_windows(lm, cfg))
     for layer in sorted(got.mom2):
         c = got.mom2[layer]
         table.add_row(str(layer), "computed" if layer in got.computed else "cache", f"{float(c.trace()):.4g}",
-                      str(stats_path(lm, layer, cfg)))
+                      str(stats_path(lm, layer, cfg, sha)))
     console.print(table)
 
 

@@ -96,7 +96,7 @@ class AlphaEditEditor(ClosedFormEditor):
         """Cache += K Kᵀ of this batch's keys, recomputed with the edited model, at every layer."""
         got = subject_keys(self.lm, requests, self.context_templates(), list(self.hparams.layers))
         for layer, k in got.keys.items():
-            self.cache[layer] = self._cache(layer) + k.T @ k
+            self.cache[layer] = self._cache(layer) + k.T @ k  # a new tensor: saved states stay valid
 
     def prepare(self, progress: Any = None, start: Any = None) -> None:
         if all(layer in self.projectors for layer in self.hparams.layers):

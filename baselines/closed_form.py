@@ -188,7 +188,14 @@ class ClosedFormEditor(Editor):
         templates = self.context_templates()
         for start in range(0, len(requests), self.hparams.batch_size):
             batch = requests[start : start + self.hparams.batch_size]
-            self._edit_batch(batch, templates, progress)
+            marked, state = self.weights.mark(), self.state_tensors()
+            try:
+                self._edit_batch(batch, templates, progress)
+            except BaseException:  # a failed or interrupted batch leaves no trace in the weights
+                self.weights.rollback(marked)
+                self.reset_state()
+                self.load_state(state)
+                raise
             self.facts.extend(batch)
 
     def _edit_batch(self, requests: list[EditRequest], templates: list[str], progress: Progress | None) -> None:
@@ -208,7 +215,7 @@ class ClosedFormEditor(Editor):
 
     def _targets(self, requests: list[EditRequest], templates: list[str], progress: Progress | None) -> Targets:
         h, cache = self.hparams, self.target_cache
-        if cache is None or self.weights.n_edits:
+        if cache is None or self.weights.edited:
             return optimize(self.lm, requests, templates, h.target_config(), h.z_batch_size, progress)
         keys = [(self.lm.fingerprint, r.id, tuple(templates), h.target_config()) for r in requests]
         todo = [(r, k) for r, k in zip(requests, keys) if k not in cache]

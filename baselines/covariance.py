@@ -4,8 +4,9 @@ One pass over a local text corpus serves every requested layer: each batch runs 
 pass, stopped after the highest layer, with a capture on every layer's projection input. Sums
 are accumulated in the configured dtype over all non-padding tokens, checkpointed every few
 batches (an interrupted run resumes where it stopped), and each layer's result is cached under
-a key made of the model fingerprint, the module, the corpus (name and file sha256), the token
-count, the window length and the dtype: any mismatch is recomputed, never reused.
+a key made of the model fingerprint, the module, the corpus name, the sha256 of the token windows
+(which covers the files, the tokenizer and the windowing), the token count, the window length and
+the dtype: any mismatch is recomputed, never reused.
 
 The reference computes C over 100,000 Wikipedia articles (tens of millions of tokens); the
 files available offline here are WikiText-2 (~1.3 M tokens) and LAMBADA, so the token count is
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from neuraldb.data import data_file
-from neuraldb.files import ArtifactError, read_artifact, sha256_file, write_artifact
+from neuraldb.files import ArtifactError, read_artifact, write_artifact
 from neuraldb.hooks import capture, stop_after
 from neuraldb.models import LoadedModel, cache_dir, dumps
 
@@ -99,9 +100,11 @@ def second_moments(lm: LoadedModel, layers: list[int], cfg: StatsConfig = StatsC
     cfg.validate()
     for layer in layers:
         lm.arch.check_layer(layer)
-    corpus_sha = _corpus_sha(cfg.corpus)
+    windows = corpus_windows(lm, cfg)
+    corpus_sha = windows_sha(windows)
     mom2: dict[int, torch.Tensor] = {}
     missing = []
+    tokens = sum(len(w) for w in windows)
     for layer in sorted(set(layers)):
         cached = _load(lm, layer, cfg, corpus_sha)
         if cached is None:
@@ -109,8 +112,7 @@ def second_moments(lm: LoadedModel, layers: list[int], cfg: StatsConfig = StatsC
         else:
             mom2[layer] = cached
     if not missing:
-        return Moments(mom2, [], 0, cfg.n_tokens)
-    windows = corpus_windows(lm, cfg)
+        return Moments(mom2, [], 0, tokens)
     if start:
         start(sum(len(w) for w in windows))
     sums, count, passes = _accumulate(lm, missing, windows, cfg, corpus_sha, progress)
@@ -125,10 +127,12 @@ def second_moments(lm: LoadedModel, layers: list[int], cfg: StatsConfig = StatsC
 # corpus
 
 
-def _corpus_sha(name: str) -> str:
+def windows_sha(windows: list[list[int]]) -> str:
+    """sha256 of the token windows: covers the corpus files, the tokenizer and how windows are cut."""
     h = hashlib.sha256()
-    for rel in CORPORA[name].files:
-        h.update(sha256_file(data_file(rel)).encode())
+    for w in windows:
+        h.update(torch.tensor(w, dtype=torch.int64).numpy().tobytes())
+        h.update(b"|")
     return h.hexdigest()
 
 
@@ -163,14 +167,15 @@ def corpus_windows(lm: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
         if len(stream) >= cfg.n_tokens:
             break
     body = cfg.max_length - len(bos)
-    windows, pos, total = [], 0, 0
+    windows: list[list[int]] = []
+    pos, total = 0, 0
     while total < cfg.n_tokens:
-        if pos >= len(stream):
-            raise ValueError(f"corpus {cfg.corpus!r} has only {total} tokens for this tokenizer; "
-                             f"asked for {cfg.n_tokens}")
         take = min(body, cfg.n_tokens - total - len(bos))
         if take <= 0:
             break
+        if pos + take > len(stream):
+            raise ValueError(f"corpus {cfg.corpus!r} has only {total + len(stream) - pos} tokens for this "
+                             f"tokenizer; asked for {cfg.n_tokens}")
         windows.append(bos + stream[pos : pos + take])
         pos += take
         total += take + len(bos)
@@ -203,7 +208,9 @@ def _accumulate(lm: LoadedModel, layers: list[int], windows: list[list[int]], cf
         passes += 1
         real = mask.bool()
         for layer in layers:
-            k = got[str(layer)][real].to(acc)  # [tokens, d_ff]
+            act = got[str(layer)]  # [rows, T, d_ff], on this layer's device (accelerate may shard)
+            k = act[real.to(act.device)].to(acc)  # [tokens, d_ff]
+            sums[layer] = sums[layer].to(act.device)
             sums[layer].addmm_(k.T, k)
         count += int(real.sum())
         if progress:
@@ -244,7 +251,7 @@ def _resume(partial: Path, layers: list[int], d_ff: int, acc: torch.dtype) -> tu
 def _describe(lm: LoadedModel, layer: int, cfg: StatsConfig, corpus_sha: str) -> dict[str, object]:
     """Everything the result depends on (batch_tokens and checkpointing do not change it)."""
     return {"format": FORMAT, "model": lm.name, "fingerprint": lm.fingerprint, "module": lm.arch.w_out_path(layer),
-            "layer": layer, "corpus": cfg.corpus, "corpus_sha256": corpus_sha, "n_tokens": cfg.n_tokens,
+            "layer": layer, "corpus": cfg.corpus, "windows_sha256": corpus_sha, "n_tokens": cfg.n_tokens,
             "max_length": cfg.max_length, "dtype": cfg.dtype}
 
 
@@ -259,7 +266,7 @@ def _model_dir(lm: LoadedModel) -> Path:
 
 def stats_path(lm: LoadedModel, layer: int, cfg: StatsConfig, corpus_sha: str | None = None) -> Path:
     """The cache folder of one layer's statistics."""
-    desc = _describe(lm, layer, cfg, corpus_sha or _corpus_sha(cfg.corpus))
+    desc = _describe(lm, layer, cfg, corpus_sha or windows_sha(corpus_windows(lm, cfg)))
     return _model_dir(lm) / f"layer{layer}-{_key(desc)}"
 
 

@@ -68,11 +68,31 @@ class WeightEdits:
         return get_module(self.lm.model, self.layers[layer].path).weight
 
     def add(self, layer: int, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Append ``Δ = u vᵀ`` (``u`` ``[d_model, n]``, ``v`` ``[d_ff, n]``) to ``layer`` and apply it."""
+        """Append ``Δ = u vᵀ`` (``u`` ``[d_model, n]``, ``v`` ``[d_ff, n]``) to ``layer`` and apply it.
+
+        Once the factors would be larger than the dense update, they are folded into it (the
+        applied weight is then computed from the dense update; saving stores exactly that)."""
         e = self.layers[layer]
         e.u = torch.cat([e.u, u.detach().cpu().double()], 1)
         e.v = torch.cat([e.v, v.detach().cpu().double()], 1)
+        if self._dense_is_smaller(e):
+            e.dense, e.u, e.v = e.delta(), e.u[:, :0], e.v[:, :0]
         self._apply(layer)
+
+    def mark(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The current factors of every layer, for :meth:`rollback`."""
+        return {layer: (e.u, e.v, e.dense) for layer, e in self.layers.items()}
+
+    def rollback(self, marked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+        """Return every layer to the factors recorded by :meth:`mark` (weights recomputed identically)."""
+        with torch.no_grad():
+            for layer, (u, v, dense) in marked.items():
+                e = self.layers[layer]
+                e.u, e.v, e.dense = u, v, dense
+                if e.rank or e.dense is not None:
+                    self._apply(layer)
+                else:
+                    self._weight(layer).copy_(e.base)
 
     def _apply(self, layer: int) -> None:
         e = self.layers[layer]
@@ -104,8 +124,9 @@ class WeightEdits:
                     self._apply(layer)
 
     @property
-    def n_edits(self) -> int:
-        return max((e.rank for e in self.layers.values()), default=0)
+    def edited(self) -> bool:
+        """True when any layer carries an edit (factors or a dense update)."""
+        return any(e.rank or e.dense is not None for e in self.layers.values())
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -114,7 +135,7 @@ class WeightEdits:
         for layer, e in self.layers.items():
             dense = self._dense_is_smaller(e)
             out.append({"layer": layer, "path": e.path, "shape": list(e.base.shape), "dtype": str(e.base.dtype),
-                        "format": "dense" if dense else "lowrank", "rank": e.rank,
+                        "format": "dense" if dense else "lowrank", "rank": None if dense else e.rank,
                         "base_sha256": weight_sha256(e.base), "edited_sha256": weight_sha256(self._weight(layer))})
         return out
 

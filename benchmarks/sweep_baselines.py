@@ -57,10 +57,12 @@ def main() -> None:
             hp = cls.default_hparams(lm).replace(layers=layers, batch_size=args.n, **extra)
             editor = cls(lm, hp, target_cache=cache)
             t0 = time.time()
-            editor.edit(reqs)
-            seconds = time.time() - t0
-            post = scores(lm, reqs)
-            editor.restore()
+            try:
+                editor.edit(reqs)
+                seconds = time.time() - t0
+                post = scores(lm, reqs)
+            finally:
+                editor.restore()  # the next configuration starts from the unedited model
             kept = [a == b for a, b in zip(pre["locality"], post["locality"])]
             row = {"editor": cls.name, "layers": f"{layers[0]}-{layers[-1]}", **extra,
                    "edit_seconds": round(seconds, 1),

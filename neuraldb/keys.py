@@ -9,6 +9,7 @@ of the bare prompt.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -81,10 +82,9 @@ def value_residuals(lm: LoadedModel, layer: int, values: torch.Tensor, resid: to
     path = lm.arch.post_norm_path(layer)
     if path is None:
         return resid
-    norm = get_module(lm.model, path)
-    dev = lm.device
+    norm = copy.deepcopy(get_module(lm.model, path)).to("cpu", torch.float64)  # float64: bf16 Jacobians are off by %
     with torch.no_grad():
         jac = torch.func.vmap(torch.func.jacrev(lambda v: norm(v.unsqueeze(0)).squeeze(0)))(
-            values.to(dev, next(norm.parameters()).dtype)).double().cpu()  # [F, d_model, d_model]
+            values.double().cpu())  # [F, d_model, d_model]
     # rtol drops the (near-)zero singular value of the scale direction (non-zero only through eps)
     return (torch.linalg.pinv(jac, rtol=1e-4) @ resid.double().unsqueeze(2)).squeeze(2).float()

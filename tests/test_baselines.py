@@ -143,3 +143,45 @@ def test_sequential_batches_use_the_cache_of_earlier_keys(monkeypatch):
         assert torch.linalg.matrix_rank(ed.cache[layer]) == 2, "one key per edited fact"
     ed.restore()
     assert ed.cache == {} and ed.projectors, "restore forgets the edits, keeps P (a property of the base model)"
+
+
+@needs_data
+def test_a_failed_batch_leaves_no_trace(monkeypatch):
+    from baselines import memit
+
+    lm = tiny_model("llama")
+    base = _weights(lm, range(4))
+    ed = MEMITEditor(lm, MEMITHparams(layers=(1, 2), steps=3, **STATS))
+    real, calls = memit.memit_factors, []
+
+    def fail_on_second_layer(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("solver failed")
+        return real(*args)
+
+    monkeypatch.setattr(memit, "memit_factors", fail_on_second_layer)
+    with pytest.raises(RuntimeError, match="solver failed"):
+        ed.edit(FACTS)
+    assert all(torch.equal(w, base[i]) for i, w in _weights(lm, range(4)).items()), "layer 1's update rolled back"
+    assert ed.facts == [] and not ed.weights.edited
+
+
+def test_factors_fold_into_a_dense_update_that_saves_and_reloads_exactly():
+    from baselines.weights import WeightEdits
+
+    lm, fresh = tiny_model("gpt2"), tiny_model("gpt2")  # Conv1D: the transposed layout
+    edits = WeightEdits(lm, [1])
+    g = torch.Generator().manual_seed(0)
+    d_model, d_ff = lm.arch.d_model, lm.arch.d_ff
+    for n in (30, 20):  # 50 · (64 + 128) > 64 · 128: the second add folds
+        edits.add(1, torch.randn(d_model, n, generator=g) * 1e-2, torch.randn(d_ff, n, generator=g))
+    e = edits.layers[1]
+    assert e.dense is not None and e.rank == 0
+    described, tensors = edits.describe(), edits.tensors()
+    assert described[0]["format"] == "dense" and set(tensors) == {"layer1.delta"}
+    other = WeightEdits(fresh, [1])
+    other.load(described, tensors)
+    assert torch.equal(_weights(fresh, [1])[1], _weights(lm, [1])[1])
+    edits.restore()
+    assert torch.equal(_weights(lm, [1])[1], e.base)
