@@ -54,7 +54,7 @@ class NeuralDBHparams(TargetHparams):
 # Chosen by `python benchmarks/sweep_neuraldb.py` on CounterFact training records (README).
 PRESETS: dict[str, dict[str, float | int]] = {
     "smollm2-135m": {"layer": 6, "gamma": 0.65},
-    "gemma3-270m": {"layer": 5, "gamma": 0.65},
+    "gemma3-270m": {"layer": 2, "gamma": 0.9},
 }
 
 
