@@ -137,8 +137,8 @@ def edit(
     from neuraldb.facts import load_facts
     from neuraldb.scoring import edit_report, preferences
 
-    requests = load_facts(facts, limit=limit)
     cls = get_editor(editor)
+    requests = load_facts(facts, limit=limit)
     lm = _load_model(model, device, dtype)
     hp = _hparams(cls, lm, hparam, layer=layer, layers=_layers(layers), gamma=gamma, batch_size=batch_size,
                   steps=steps, lr=lr, seed=seed)

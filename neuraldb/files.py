@@ -55,7 +55,8 @@ def read_meta(path: str | Path, meta_name: str, fmt: str) -> dict[str, Any]:
     path = Path(path)
     meta_file = path / meta_name
     if not meta_file.is_file() or not (path / TENSORS).is_file():
-        raise ArtifactError(f"{path} is not a {fmt.split('/')[0]} artifact ({meta_name} / {TENSORS} missing)")
+        kind = fmt.split("/")[0].replace("-", " ", 1)  # "neuraldb-store/1" → "neuraldb store"
+        raise ArtifactError(f"{path} is not a {kind} ({meta_name} / {TENSORS} missing)")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

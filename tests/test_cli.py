@@ -129,7 +129,7 @@ def test_memit_edit_and_ask_with_the_same_flags(memit_edits, smollm2):
     with torch.no_grad():
         assert torch.equal(smollm2.model(ids).logits, base), "the CLI loaded its own copy; ours is untouched"
     r = run("facts", "list", memit_edits)
-    assert r.exit_code == 0 and "eiffel" in r.output and "layers 3, 4, 5, 6, 7" in r.output
+    assert r.exit_code == 0 and "eiffel" in r.output and "memit on smollm2-135m" in r.output
     r = run("facts", "remove", memit_edits, "eiffel")
     assert r.exit_code == 1 and "folded into the weights" in r.output
 

@@ -73,7 +73,7 @@ def test_failed_save_keeps_the_old_store(tmp_path, monkeypatch):
     def boom(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("neuraldb.store.save_file", boom)
+    monkeypatch.setattr("neuraldb.files.save_file", boom)
     with pytest.raises(OSError):
         bigger.save(tmp_path / "s")
     assert (tmp_path / "s" / "store.json").read_text() == before
