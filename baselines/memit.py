@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(layers=(4, 5, 6, 7, 8), steps=25, lr=0.1, weight_decay=0.5, clamp_norm_factor=0.75,
                       kl_factor=0.0625, mom2_update_weight=15000.0),
     "smollm2-135m": dict(layers=(3, 4, 5, 6, 7), mom2_update_weight=2500.0),  # measured (README)
-    "gemma3-270m": dict(layers=(2, 3, 4, 5, 6), mom2_update_weight=15000.0),
+    "gemma3-270m": dict(layers=(3, 4, 5, 6, 7), mom2_update_weight=1000.0),  # measured (README)
 }
 
 
