@@ -17,6 +17,8 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 facts_app = typer.Typer(no_args_is_help=True, help="List, add or remove the facts of a store.")
 app.add_typer(facts_app, name="facts")
+data_app = typer.Typer(no_args_is_help=True, help="The local data folder ($NEURALDB_DATA): list and fetch.")
+app.add_typer(data_app, name="data")
 console = Console()
 err = Console(stderr=True)
 
@@ -34,6 +36,7 @@ def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from evals.catalog import DataFetchError
         from neuraldb.arch import UnsupportedModelError
         from neuraldb.data import DataNotFoundError
         from neuraldb.facts import FactFileError
@@ -41,7 +44,7 @@ def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         from neuraldb.models import ModelNotAvailableError
 
         known = (FactFileError, ArtifactError, ModelNotAvailableError, UnsupportedModelError, DataNotFoundError,
-                 ValueError, KeyError)
+                 DataFetchError, ValueError, KeyError)
         try:
             return fn(*args, **kwargs)
         except known as e:
@@ -366,6 +369,188 @@ def stats(
         table.add_row(str(layer), "computed" if layer in got.computed else "cache", f"{float(c.trace()):.4g}",
                       str(stats_path(lm, layer, cfg, sha)))
     console.print(table)
+
+
+def _ns(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--n must be comma-separated numbers of edits, got {text!r}") from None
+
+
+def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_size: int, sequential: bool,
+                    sample_seed: int | None, generation_every: int, seed: int, hparam: list[str], out: Path | None,
+                    resume: bool, check: Path | None, tolerance: float, device: str, dtype: str) -> None:
+    """Shared body of ``eval`` and ``compare``."""
+    import json
+
+    from evals import datasets, report, runner
+    from evals.evaluate import EvalOptions
+    from evals.protocol import Protocol
+    from neuraldb.editor import get_editor
+
+    for name in editors:
+        get_editor(name)
+    protocol = Protocol(dataset, _ns(n), batch_size, sequential, sample_seed)
+    protocol.validate()
+    opts = EvalOptions(generation_every=generation_every, seed=seed)
+    opts.validate()
+    baseline = json.loads(check.read_text(encoding="utf-8")) if check else None
+    if check and not isinstance(baseline, dict):
+        raise ValueError(f"{check}: not a neuraldb result file")
+    ds = datasets.load(dataset)
+    datasets.select(ds.records, protocol.n[-1], sample_seed)  # fail early when too few records
+    lm = _load_model(model, device, dtype)
+    chosen = runner.editor_hparams(lm, editors, hparam, batch_size)
+    out = out or Path("results") / f"{dataset}-{lm.name.replace('/', '_')}-{'-'.join(editors)}-n{protocol.n[-1]}.json"
+    with _progress() as bar:
+        tasks: dict[str, Any] = {}
+
+        def started(what: str) -> None:
+            tasks.clear()
+            err.print(f"[bold]{what}[/]: editing and scoring {protocol.n[-1]} records of {dataset}", highlight=False)
+
+        def advance(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = runner.run(lm, ds, chosen, protocol, opts, out, resume, advance, _prepare_quiet, started)
+    console.print(report.rich_table(result))
+    for method, edit_s, eval_s in report.timings(result):
+        console.print(f"{method}: editing {edit_s:.0f} s, evaluation {eval_s:.0f} s", highlight=False)
+    md = out.with_suffix(".md")
+    _write_text(md, report.markdown(result))
+    png = out.with_suffix(".png")
+    plotted = report.plot(result, png)
+    err.print(f"saved {out}, {runner.cases_path(out)}, {md}" + (f", {png}" if plotted else ""))
+    if baseline is not None:
+        failures = report.check(result, baseline, tolerance)
+        if failures:
+            for f in failures:
+                err.print(f"[bold red]regression:[/] {f}", highlight=False)
+            raise typer.Exit(1)
+        err.print(f"check passed: no metric more than {tolerance:g} points below {check}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _prepare_quiet(editor: Any) -> None:
+    _prepare(editor)
+
+
+_N_HELP = "Numbers of edits to evaluate at, e.g. 1000 or 100,500,1000 (the first N records each)."
+
+
+@app.command("eval")
+@fails_cleanly
+def eval_cmd(
+    editor: str = typer.Option("neuraldb", help="Editing method."),
+    model: str = typer.Option("smollm2-135m", help="Model name, local folder or .gguf file."),
+    dataset: str = typer.Option("counterfact", help="counterfact, mcf, counterfact-mend, zsre, knowedit-cf, … "
+                                                    "(`neuraldb data list`)."),
+    n: str = typer.Option("100", help=_N_HELP),
+    batch_size: int = typer.Option(100, help="Facts per edit call (MEMIT / AlphaEdit: per closed-form batch)."),
+    sequential: bool = typer.Option(True, help="Keep all edits (evaluate after the first N); --no-sequential: "
+                                               "restore after each batch (MEMIT's evaluate.py)."),
+    sample_seed: int | None = typer.Option(None, help="Evaluate a seeded random sample instead of the first N."),
+    generation_every: int = typer.Option(1, help="Generate for fluency on every k-th case (0: never)."),
+    seed: int = typer.Option(0, help="Seed of the generation sampler."),
+    hparam: list[str] = typer.Option([], "--hparam", "-H", help="Hyperparameter KEY=VALUE (repeatable)."),
+    out: Path | None = typer.Option(None, help="Result JSON (default results/DATASET-MODEL-EDITOR-nN.json)."),
+    resume: bool = typer.Option(False, help="Reuse rows already in OUT from the same run."),
+    check: Path | None = typer.Option(None, help="Baseline result JSON: exit 1 naming each metric that fell more "
+                                                 "than --tolerance points below it."),
+    tolerance: float = typer.Option(2.0, help="Points a metric may fall below --check's baseline."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+) -> None:
+    """Edit N benchmark records with one editor and print pre- and post-edit metrics."""
+    _run_comparison([editor], model, dataset, n, batch_size, sequential, sample_seed, generation_every, seed, hparam,
+                    out, resume, check, tolerance, device, dtype)
+
+
+@app.command()
+@fails_cleanly
+def compare(
+    editors: str = typer.Option("neuraldb,memit,alphaedit", help="Comma-separated editing methods."),
+    model: str = typer.Option("smollm2-135m", help="Model name, local folder or .gguf file."),
+    dataset: str = typer.Option("counterfact", help="Benchmark (`neuraldb data list`)."),
+    n: str = typer.Option("100", help=_N_HELP),
+    batch_size: int = typer.Option(100, help="Facts per edit call (MEMIT / AlphaEdit: per closed-form batch)."),
+    sequential: bool = typer.Option(True, help="Keep all edits; --no-sequential: restore after each batch."),
+    sample_seed: int | None = typer.Option(None, help="Evaluate a seeded random sample instead of the first N."),
+    generation_every: int = typer.Option(1, help="Generate for fluency on every k-th case (0: never)."),
+    seed: int = typer.Option(0, help="Seed of the generation sampler."),
+    hparam: list[str] = typer.Option([], "--hparam", "-H", help="[EDITOR:]KEY=VALUE, e.g. memit:mom2_update_weight"
+                                                                "=5000 (repeatable)."),
+    out: Path | None = typer.Option(None, help="Result JSON (default results/DATASET-MODEL-EDITORS-nN.json); a "
+                                               "Markdown report and, for several N, a PNG go beside it."),
+    resume: bool = typer.Option(False, help="Reuse rows already in OUT from the same run."),
+    check: Path | None = typer.Option(None, help="Baseline result JSON: exit 1 on any metric regression."),
+    tolerance: float = typer.Option(2.0, help="Points a metric may fall below --check's baseline."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+) -> None:
+    """Run several editors on the same records in one process and print one table (paper layout)."""
+    names = [e.strip() for e in editors.split(",") if e.strip()]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"--editors must name distinct editors, got {editors!r}")
+    _run_comparison(names, model, dataset, n, batch_size, sequential, sample_seed, generation_every, seed, hparam,
+                    out, resume, check, tolerance, device, dtype)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """Benchmarks and files under $NEURALDB_DATA, checked against the known sha256."""
+    from evals import catalog, datasets
+    from neuraldb.data import data_dir
+
+    root = data_dir()
+    table = Table(title=f"data files under {root}")
+    for col in ("folder", "files", "sha256", "records", "MB"):
+        table.add_column(col, justify="left" if col == "folder" else "right")
+    for g in catalog.survey(root):
+        status = ("[red]mismatch: " + ", ".join(g.mismatched) + "[/]") if g.mismatched else f"{g.verified} ok"
+        table.add_row(g.name, f"{g.present}/{g.expected}", status, f"{g.records:,}", f"{g.bytes / 1e6:.1f}")
+    console.print(table)
+    bench = Table(title="benchmarks (`--dataset NAME`)")
+    for col in ("name", "metrics", "records", "description"):
+        bench.add_column(col)
+    for name, spec in datasets.SPECS.items():
+        try:
+            ds = datasets.load(name, root)
+            count = f"{len(ds.records):,}"
+        except Exception:  # noqa: BLE001 — listed as missing, never fatal
+            count = "[dim]missing[/]"
+        bench.add_row(name, spec.kind, count, spec.description)
+    console.print(bench)
+    console.print(f"fetchable when online (`neuraldb data fetch NAME`): {', '.join(sorted(catalog.REMOTES))}")
+
+
+@data_app.command("fetch")
+@fails_cleanly
+def data_fetch(name: str = typer.Argument(..., help="counterfact, mcf, zsre, consistency or mquake.")) -> None:
+    """Download canonical files into $NEURALDB_DATA and check their sha256."""
+    from evals import catalog
+
+    with _progress() as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(path: str, got: int, total: int | None) -> None:
+            if path not in tasks:
+                tasks[path] = bar.add_task(path, total=total)
+            bar.update(tasks[path], completed=got)
+
+        got = catalog.fetch(name, progress=progress)
+    for remote, digest, verified in got:
+        note = "sha256 verified" if verified else f"sha256 {digest} (no published checksum to verify against)"
+        console.print(f"{remote.path}: {note}", highlight=False)
 
 
 @app.command("models")

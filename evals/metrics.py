@@ -10,7 +10,8 @@ CounterFact (§7.1), for candidate o after prompt p, ``lp(o|p) = (1/T) Σ_t log 
 * efficacy ES = mean over cases of 1[lp(new|p) > lp(true|p)]; magnitude EM = mean(P̄new − P̄true)
   with P̄ = exp(lp);
 * generalisation PS: the same indicator averaged over a case's paraphrases, then over cases;
-* specificity NS: mean over neighbourhood prompts of 1[lp(true|q) > lp(new|q)];
+* specificity NS: 1[lp(true|q) > lp(new|q)] averaged over a case's neighbourhood prompts, then
+  over cases (as ROME's summarize does);
 * score S: harmonic mean of ES, PS, NS.
 
 ZsRE (§7.2): teacher-forced top-1 token accuracy per case, averaged over cases.
@@ -54,11 +55,31 @@ def counterfact_metrics(cases: Sequence[CaseScores]) -> dict[str, float | None]:
     em = [math.exp(n) - math.exp(t) for n, t in (c.rewrite for c in cases)]
     ps = [_mean([float(n > t) for n, t in c.paraphrase]) for c in cases if c.paraphrase]
     pm = [_mean([math.exp(n) - math.exp(t) for n, t in c.paraphrase]) for c in cases if c.paraphrase]
-    ns = [float(t > n) for c in cases for n, t in c.neighborhood]
-    nm = [math.exp(t) - math.exp(n) for c in cases for n, t in c.neighborhood]
+    ns = [_mean([float(t > n) for n, t in c.neighborhood]) for c in cases if c.neighborhood]
+    nm = [_mean([math.exp(t) - math.exp(n) for n, t in c.neighborhood]) for c in cases if c.neighborhood]
     out = {"efficacy": pct(_mean(es)), "efficacy_magnitude": pct(_mean(em)),
            "generalization": pct(_mean(ps)), "generalization_magnitude": pct(_mean(pm)),  # type: ignore[arg-type]
            "specificity": pct(_mean(ns)), "specificity_magnitude": pct(_mean(nm))}
+    out["score"] = harmonic_mean([out["efficacy"], out["generalization"], out["specificity"]])
+    return out
+
+
+@dataclass(frozen=True)
+class ZsreCase:
+    """Teacher-forced token accuracies of one ZsRE case: the edit prompt, each paraphrase, and
+    each locality question against its gold answer (§7.2)."""
+
+    rewrite: float
+    paraphrase: tuple[float, ...] = ()
+    neighborhood: tuple[float, ...] = ()
+
+
+def zsre_metrics(cases: Sequence[ZsreCase]) -> dict[str, float | None]:
+    """Efficacy, generalisation and specificity (×100: per case, then over cases) and their
+    harmonic mean; a family with no prompts in any case is None."""
+    out = {"efficacy": pct(_mean([c.rewrite for c in cases])),
+           "generalization": pct(_mean([_mean(c.paraphrase) for c in cases if c.paraphrase])),  # type: ignore[misc]
+           "specificity": pct(_mean([_mean(c.neighborhood) for c in cases if c.neighborhood]))}  # type: ignore[misc]
     out["score"] = harmonic_mean([out["efficacy"], out["generalization"], out["specificity"]])
     return out
 

@@ -10,7 +10,8 @@ and CSV (header row). Accepted record shapes, detected per record:
 * MEND-format CounterFact: plain fields plus ``rephrase_prompt``, ``locality_prompt``,
   ``locality_ground_truth``, ``case_id``;
 * MEND-format ZsRE: ``src`` (question), ``subject``, ``alt`` (new answer), ``answers``,
-  ``rephrase``, ``loc`` / ``loc_ans``.
+  ``rephrase``, ``loc`` / ``loc_ans``;
+* KnowEdit (EasyEdit): plain fields with ``locality`` as ``{kind: [{prompt, ground_truth}]}``.
 
 Every error names the file, the line (or record number) and the field.
 """
@@ -73,10 +74,10 @@ def fill(template: str, subject: str) -> str:
 
 
 def _text(value: Any) -> str | None:
-    """A target given as a string, ``{"str": ...}`` or a one-element list."""
+    """A target given as a string, ``{"str": ...}`` or a list (its first element, recursively)."""
     if isinstance(value, dict):
         value = value.get("str")
-    if isinstance(value, list):
+    while isinstance(value, list):  # KnowEdit nests aliases: [["USA", "U.S."], ...]
         value = value[0] if value else None
     if value is None:
         return None
@@ -119,9 +120,12 @@ def _record_fields(rec: dict[str, Any]) -> dict[str, Any]:
     out = {
         "id": rec.get("id", rec.get("case_id")), "prompt": rec.get("prompt"), "subject": rec.get("subject"),
         "target_new": rec.get("target_new"), "target_true": rec.get("target_true", rec.get("ground_truth")),
-        "paraphrases": rec.get("paraphrases", [rec["rephrase_prompt"]] if rec.get("rephrase_prompt") else []),
+        "paraphrases": rec.get("paraphrases", [p] if (p := rec.get("rephrase_prompt") or rec.get("rephrase")) else []),
         "locality": rec.get("locality", []),
     }
+    if isinstance(out["locality"], dict):  # KnowEdit
+        out["locality"] = [(item.get("prompt"), item.get("ground_truth")) for items in out["locality"].values()
+                           for item in (items if isinstance(items, list) else []) if isinstance(item, dict)]
     if rec.get("locality_prompt") and rec.get("locality_ground_truth"):
         out["locality"] = [(rec["locality_prompt"], rec["locality_ground_truth"])]
     return out
@@ -154,8 +158,13 @@ def parse_record(rec: Any) -> EditRequest:
     template = prompt.rstrip()
     locality = []
     for pair in f["locality"] or []:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise FactFileError("locality: expected (prompt, answer) pairs")
         p, a = pair
-        a = _target(a)
+        try:
+            a = _target(a)
+        except TypeError as e:
+            raise FactFileError(f"locality: answer {e}") from None
         if isinstance(p, str) and a:
             locality.append((p, a))
     rid = f["id"]

@@ -16,28 +16,56 @@ from neuraldb.models import LoadedModel
 from neuraldb.prompts import aligned_batch, encode
 
 
+@dataclass(frozen=True)
+class CandidateScore:
+    """How the model scores one candidate o = (o_1..o_T) after its prompt.
+
+    ``mean_logprob``: (1/T)·Σ_t log P(o_t | p, o_<t); ``correct``: per target token, whether it is
+    the teacher-forced argmax (length T).
+    """
+
+    mean_logprob: float
+    correct: tuple[bool, ...]
+
+
 @torch.no_grad()
-def mean_logprobs(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 64) -> torch.Tensor:
-    """``[N]`` mean per-token log-probability of each candidate after its prompt."""
-    out = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = [encode(lm.tokenizer, p, target=c) for p, c in pairs[start : start + batch_size]]
+def score_candidates(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 64) -> list[CandidateScore]:
+    """Score every (prompt, candidate) pair, ``batch_size`` sequences per forward pass.
+
+    Pairs are grouped by length so that a batch carries little padding; logits are computed only
+    at the candidates' positions. Results are in the order of ``pairs``.
+    """
+    encoded = [encode(lm.tokenizer, p, target=c) for p, c in pairs]
+    if any(e.n_target == 0 for e in encoded):
+        bad = next(pairs[i] for i, e in enumerate(encoded) if e.n_target == 0)
+        raise ValueError(f"empty candidate after prompt {bad[0]!r}")
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    out: list[CandidateScore | None] = [None] * len(encoded)
+    dev = lm.device
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        chunk = [encoded[i] for i in idx]
         batch = aligned_batch(chunk, lm.tokenizer.pad_token_id, anchors=[0] * len(chunk))
-        dev = lm.device
         hidden = lm.backbone(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
                              position_ids=batch.position_ids.to(dev)).last_hidden_state
-        rows, cols, tokens, owner = [], [], [], []
-        for i, e in enumerate(chunk):
-            for t in range(e.n_target):
-                rows.append(i)
-                cols.append(e.n_prompt - 1 + t)
-                tokens.append(e.ids[e.n_prompt + t])
-                owner.append(i)
-        logp = torch.log_softmax(lm.logits(hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]), -1)
-        token_lp = logp.gather(1, torch.tensor(tokens, device=dev).view(-1, 1)).squeeze(1).cpu()
-        counts = torch.tensor([e.n_target for e in chunk], dtype=torch.float32)
-        out.append(torch.zeros(len(chunk)).index_add(0, torch.tensor(owner), token_lp) / counts)
-    return torch.cat(out) if out else torch.zeros(0)
+        rows = [i for i, e in enumerate(chunk) for _ in range(e.n_target)]
+        cols = [e.n_prompt - 1 + t for e in chunk for t in range(e.n_target)]
+        tokens = torch.tensor([e.ids[e.n_prompt + t] for e in chunk for t in range(e.n_target)], device=dev)
+        logp = torch.log_softmax(lm.logits(hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)])
+                                 .float(), -1)
+        token_lp = logp.gather(1, tokens.view(-1, 1)).squeeze(1).cpu().tolist()
+        hit = (logp.argmax(-1) == tokens).cpu().tolist()
+        pos = 0
+        for i, e in zip(idx, chunk):
+            lp, ok = token_lp[pos : pos + e.n_target], hit[pos : pos + e.n_target]
+            out[i] = CandidateScore(sum(lp) / e.n_target, tuple(bool(h) for h in ok))
+            pos += e.n_target
+    return out  # type: ignore[return-value]
+
+
+def mean_logprobs(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 64) -> torch.Tensor:
+    """``[N]`` mean per-token log-probability of each candidate after its prompt."""
+    return torch.tensor([s.mean_logprob for s in score_candidates(lm, pairs, batch_size)], dtype=torch.float32)
 
 
 @dataclass

@@ -141,3 +141,20 @@ def test_options_of_another_editor_are_refused(tmp_path):
     assert r.exit_code == 1 and "--gamma does not apply to memit" in r.output
     r = run("edit", facts, "--out", tmp_path / "o", "--hparam", "nope=1")
     assert r.exit_code == 1 and "has no hyperparameter nope" in r.output
+
+
+def test_eval_check_fails_on_a_degraded_edit_and_passes_on_the_same_run(smollm2, tmp_path):
+    common = ("eval", "--dataset", "counterfact", "--n", "3", "--batch-size", "3", "--generation-every", "0")
+    base = tmp_path / "base.json"
+    r = run(*common, "--out", base)
+    assert r.exit_code == 0, r.output
+    saved = json.loads(base.read_text())
+    assert saved["protocol"]["n"] == [3] and saved["dataset"]["selected"] == 3
+    assert saved["editors"]["neuraldb"]["points"]["3"]["efficacy"] == 100.0
+    assert base.with_suffix(".md").is_file() and (tmp_path / "base.cases.json").is_file()
+    r = run(*common, "--out", tmp_path / "same.json", "--check", base)
+    assert r.exit_code == 0, r.output
+    # degraded on purpose: a gate threshold no key reaches writes nothing
+    r = run(*common, "--out", tmp_path / "bad.json", "--check", base, "--hparam", "gamma=0.999")
+    assert r.exit_code == 1
+    assert "regression:" in r.output and "neuraldb@3 efficacy" in r.output

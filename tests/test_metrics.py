@@ -23,9 +23,9 @@ def test_counterfact_scores_from_known_probabilities():
     assert m["efficacy_magnitude"] == pytest.approx(100 * ((0.6 - 0.2) + (0.1 - 0.3)) / 2)
     assert m["generalization"] == pytest.approx(100 * (0.5 + 1.0) / 2), "per case first, then over cases"
     assert m["generalization_magnitude"] == pytest.approx(100 * (((0.4 + -0.2) / 2) + 0.2) / 2)
-    assert m["specificity"] == pytest.approx(100 * 2 / 3), "over all neighbourhood prompts"
-    assert m["specificity_magnitude"] == pytest.approx(100 * (0.6 + 0.2 - 0.25) / 3)
-    assert m["score"] == pytest.approx(3 / (1 / 50 + 1 / 75 + 1 / (200 / 3)))
+    assert m["specificity"] == pytest.approx(100 * (1.0 + 0.0) / 2), "per case first, then over cases"
+    assert m["specificity_magnitude"] == pytest.approx(100 * ((0.6 + 0.2) / 2 - 0.25) / 2)
+    assert m["score"] == pytest.approx(3 / (1 / 50 + 1 / 75 + 1 / 50))
 
 
 def test_missing_prompts_are_unavailable_not_zero():

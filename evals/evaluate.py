@@ -1,0 +1,123 @@
+"""Score a model (edited or not) on benchmark records: per-case raw scores, then metrics.
+
+One call scores every prompt of every record in length-grouped batches
+(:func:`neuraldb.scoring.score_candidates`): CounterFact cases by length-normalised
+log-probabilities of the new and the true object (§7.1), ZsRE cases by teacher-forced token
+accuracy (§7.2). Generations for fluency / consistency are sampled for every
+``generation_every``-th case that has generation prompts (ROME's ``generation_test_interval``).
+Per-case scores are kept so that metrics for the first N cases can be computed at any N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from evals.consistency import ReferenceTexts
+from evals.datasets import EvalRecord, Kind
+from evals.generate import sample_texts
+from evals.metrics import CaseScores, ZsreCase, counterfact_metrics, fluency, pct, zsre_metrics
+from neuraldb.models import LoadedModel
+from neuraldb.scoring import CandidateScore, score_candidates
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How records are scored. ``generation_every``: sample generations for every k-th case
+    (0 = never); ``max_length`` / ``top_k`` / ``seed``: the sampler (ROME: 100, 5)."""
+
+    generation_every: int = 1
+    max_length: int = 100
+    top_k: int = 5
+    seed: int = 0
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        if self.generation_every < 0 or self.max_length < 2 or self.top_k < 1 or self.batch_size < 1:
+            raise ValueError(f"invalid evaluation options: {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pairs(kind: Kind, rec: EvalRecord) -> list[tuple[str, str]]:
+    """The (prompt, candidate) pairs a case needs, in a fixed order."""
+    r = rec.request
+    if kind == "zsre":
+        return [(r.prompt, r.target_new), *((p, r.target_new) for p in r.paraphrases), *r.locality]
+    true = r.target_true or ""
+    pairs = [(r.prompt, r.target_new), (r.prompt, true)]
+    for p in r.paraphrases:
+        pairs += [(p, r.target_new), (p, true)]
+    for q, answer in r.locality:
+        pairs += [(q, r.target_new), (q, answer)]
+    return pairs
+
+
+def _case(kind: Kind, rec: EvalRecord, s: list[CandidateScore]) -> dict[str, Any]:
+    """Raw per-case scores as JSON: CounterFact [lp_new, lp_true] pairs, ZsRE token accuracies."""
+    r = rec.request
+    if kind == "zsre":
+        acc = [sum(c.correct) / len(c.correct) for c in s]
+        k = len(r.paraphrases)
+        return {"id": r.id, "rewrite": acc[0], "paraphrase": acc[1 : 1 + k], "neighborhood": acc[1 + k :]}
+    lp = [c.mean_logprob for c in s]
+    pairs = [[lp[i], lp[i + 1]] for i in range(0, len(lp), 2)]
+    k = len(r.paraphrases)
+    return {"id": r.id, "rewrite": pairs[0], "paraphrase": pairs[1 : 1 + k], "neighborhood": pairs[1 + k :]}
+
+
+def score_records(lm: LoadedModel, kind: Kind, records: Sequence[EvalRecord], opts: EvalOptions,
+                  references: ReferenceTexts | None = None,
+                  progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Per-case scores of ``records`` on the model as it is now.
+
+    CounterFact cases without a true object cannot be scored by preference and raise ValueError.
+    ``progress(stage, done, total)`` reports the generation stage.
+    """
+    if kind == "counterfact" and (bad := next((r.request.id for r in records if not r.request.target_true), None)):
+        raise ValueError(f"case {bad}: CounterFact scoring needs target_true")
+    per_case = [_pairs(kind, r) for r in records]
+    flat = [p for pairs in per_case for p in pairs]
+    scores = score_candidates(lm, flat, opts.batch_size)
+    cases, pos = [], 0
+    for rec, pairs in zip(records, per_case):
+        cases.append(_case(kind, rec, scores[pos : pos + len(pairs)]))
+        pos += len(pairs)
+    if kind == "counterfact" and opts.generation_every:
+        _generate(lm, records, cases, opts, references, progress)
+    return cases
+
+
+def _generate(lm: LoadedModel, records: Sequence[EvalRecord], cases: list[dict[str, Any]], opts: EvalOptions,
+              references: ReferenceTexts | None, progress: Callable[[str, int, int], None] | None) -> None:
+    chosen = [i for i, r in enumerate(records) if r.generation_prompts and i % opts.generation_every == 0]
+    prompts = [p for i in chosen for p in records[i].generation_prompts]
+    if not prompts:
+        return
+    texts = sample_texts(lm, prompts, opts.max_length, opts.top_k, opts.seed)
+    pos = 0
+    for n, i in enumerate(chosen):
+        k = len(records[i].generation_prompts)
+        cases[i]["texts"] = texts[pos : pos + k]
+        pos += k
+        if references is not None:
+            cases[i]["consistency"] = references.score(cases[i]["texts"], records[i].relation_id,
+                                                       records[i].target_new_id)
+        if progress:
+            progress("generation", n + 1, len(chosen))
+
+
+def metrics(kind: Kind, cases: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Metrics (×100) of per-case scores; unavailable families are None."""
+    if kind == "zsre":
+        out = zsre_metrics([ZsreCase(c["rewrite"], tuple(c["paraphrase"]), tuple(c["neighborhood"])) for c in cases])
+    else:
+        out = counterfact_metrics([CaseScores(tuple(c["rewrite"]), tuple(map(tuple, c["paraphrase"])),
+                                              tuple(map(tuple, c["neighborhood"]))) for c in cases])
+        texts = [t for c in cases for t in c.get("texts", ())]
+        out["fluency"] = fluency(texts)
+        rs = [c["consistency"] for c in cases if c.get("consistency") is not None]
+        out["consistency"] = pct(sum(rs) / len(rs)) if rs else None
+    return out

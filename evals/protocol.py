@@ -1,0 +1,154 @@
+"""The editing-evaluation protocol, explicit: which records, how many edits, in which batches,
+when evaluation happens — and a run of one or more editors under it on the same records.
+
+``sequential`` (AlphaEdit's protocol, the papers' tables): the first max(N) records are edited in
+batches of ``batch_size`` in order, never restored in between; after the first N edits (for each
+requested N) the first N records are evaluated on the model as it is then. ``sequential=False``
+(MEMIT's ``evaluate.py``): each batch is edited into the unedited model, its records evaluated,
+and the model restored. The unedited model is evaluated once on the same records in the same run.
+Every editor starts from the unedited model and is restored (checked by fingerprint) afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Any
+
+from evals.consistency import ReferenceTexts
+from evals.datasets import Dataset, EvalRecord, select
+from evals.evaluate import EvalOptions, metrics, score_records
+from neuraldb.editor import Editor, Hparams
+from neuraldb.facts import EditRequest
+from neuraldb.models import LoadedModel, fingerprint, model_summary
+
+FORMAT = "neuraldb-eval/1"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """``n``: the numbers of edits at which to evaluate (ascending); ``sample_seed``: None for the
+    first records, else a seeded sample; ``batch_size``: facts per edit call."""
+
+    dataset: str
+    n: tuple[int, ...]
+    batch_size: int = 100
+    sequential: bool = True
+    sample_seed: int | None = None
+
+    def validate(self) -> None:
+        if not self.n or list(self.n) != sorted(set(self.n)) or self.n[0] < 1:
+            raise ValueError(f"--n must be ascending positive numbers, got {','.join(map(str, self.n))}")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"evaluation": "after the first N edits, on the first N records" if self.sequential
+                               else "after each batch, on that batch, then restored"}
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """(start, end) of each edit call: batches of ``batch_size`` that also end at every N."""
+        cuts = sorted(set(self.n) | set(range(self.batch_size, self.n[-1], self.batch_size)) | {self.n[-1]})
+        return list(zip([0, *cuts[:-1]], cuts))
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("neuraldb", "torch", "transformers", "lm_eval"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def records_sha(records: list[EvalRecord]) -> str:
+    """sha256 over the selected records' ids, in order (which records were used)."""
+    return hashlib.sha256("\n".join(r.request.id for r in records).encode()).hexdigest()
+
+
+Report = Callable[[str, int, int], None]
+
+
+def _evaluate(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], opts: EvalOptions,
+              refs: ReferenceTexts | None, report: Report | None) -> tuple[list[dict[str, Any]], float]:
+    t = time.perf_counter()
+    cases = score_records(lm, ds.kind, records, opts, refs, report)
+    return cases, time.perf_counter() - t
+
+
+def _points(ds: Dataset, protocol: Protocol, cases: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    return {str(n): metrics(ds.kind, cases[:n]) for n in protocol.n}
+
+
+def evaluate_unedited(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], protocol: Protocol,
+                      opts: EvalOptions, refs: ReferenceTexts | None = None,
+                      report: Report | None = None) -> dict[str, Any]:
+    """The pre-edit row: per-case scores of the unedited model and its metrics at every N."""
+    cases, seconds = _evaluate(lm, ds, records, opts, refs, report)
+    return {"points": _points(ds, protocol, cases), "eval_seconds": seconds, "cases": cases}
+
+
+def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: Dataset, records: list[EvalRecord],
+               protocol: Protocol, opts: EvalOptions, refs: ReferenceTexts | None = None,
+               report: Report | None = None, prepare: Callable[[Editor], None] | None = None) -> dict[str, Any]:
+    """Edit ``records`` with one editor under ``protocol``, evaluate at every N, restore the model.
+
+    Returns ``{"hparams", "points": {N: metrics}, "edit_seconds", "eval_seconds", "cases"}`` where
+    ``cases`` are the per-case scores at the largest N. Raises RuntimeError when the editor does
+    not give the unedited model back.
+    """
+    base = lm.fingerprint
+    requests: list[EditRequest] = [r.request for r in records]
+    edit_s = eval_s = 0.0
+    points: dict[str, dict[str, float | None]] = {}
+    cases: list[dict[str, Any]] = []
+    editor = editor_cls(lm, hparams)
+    if prepare:
+        prepare(editor)
+    done = 0
+    for start, end in protocol.chunks():
+        if not protocol.sequential:
+            editor = editor_cls(lm, hparams)
+        t = time.perf_counter()
+        editor.edit(requests[start:end])
+        edit_s += time.perf_counter() - t
+        done = end
+        if report:
+            report("edits", done, len(requests))
+        if protocol.sequential and str(end) in {str(n) for n in protocol.n}:
+            got, s = _evaluate(lm, ds, records[:end], opts, refs, None)
+            eval_s += s
+            points[str(end)] = metrics(ds.kind, got)
+            cases = got
+        elif not protocol.sequential:
+            got, s = _evaluate(lm, ds, records[start:end], opts, refs, None)
+            eval_s += s
+            cases.extend(got)
+            editor.restore()
+    editor.restore()
+    if fingerprint(lm.model) != base:
+        raise RuntimeError(f"{editor_cls.name} did not restore the unedited model")
+    if not protocol.sequential:
+        points = _points(ds, protocol, cases)
+    return {"hparams": editor.hparams.to_dict(), "points": points, "edit_seconds": edit_s, "eval_seconds": eval_s,
+            "edits": done, "cases": cases}
+
+
+def header(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], protocol: Protocol, opts: EvalOptions,
+           refs: ReferenceTexts | None) -> dict[str, Any]:
+    """Everything that defines a run (two runs with equal headers are comparable and resumable)."""
+    return {"format": FORMAT, "model": model_summary(lm), "dataset": ds.describe() | {
+        "selected": len(records), "records_sha256": records_sha(records)},
+        "protocol": protocol.to_dict(), "evaluation": opts.to_dict() | {
+            "consistency": "available" if refs is not None else "unavailable (reference files absent)"},
+        "versions": versions()}
+
+
+def select_records(ds: Dataset, protocol: Protocol) -> list[EvalRecord]:
+    protocol.validate()
+    return select(ds.records, protocol.n[-1], protocol.sample_seed)

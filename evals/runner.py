@@ -1,0 +1,112 @@
+"""One comparison run, saved as it goes: the unedited row, then each editor, on the same records.
+
+The result JSON (``OUT``) is rewritten atomically after every row, and per-case scores go to
+``OUT`` with suffix ``.cases.json``; with ``resume`` a run whose header (model fingerprint,
+dataset sha256, selected records, protocol, evaluation options) equals the saved one reuses the
+rows already there, so an interrupted ``compare`` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from evals.consistency import ReferenceTexts
+from evals.datasets import Dataset
+from evals.evaluate import EvalOptions
+from evals.protocol import Report, evaluate_unedited, header, run_editor, select_records
+from neuraldb.editor import Editor, Hparams, get_editor
+from neuraldb.files import write_json
+from neuraldb.models import LoadedModel, dumps
+
+
+def split_hparams(editors: list[str], assignments: list[str]) -> dict[str, list[str]]:
+    """``[EDITOR:]KEY=VALUE`` assignments per editor; an unprefixed one applies to every editor."""
+    out: dict[str, list[str]] = {e: [] for e in editors}
+    for a in assignments:
+        head, sep, rest = a.partition(":")
+        if sep and "=" not in head:
+            if head not in out:
+                raise ValueError(f"--hparam {a!r}: {head!r} is not one of the editors run ({', '.join(editors)})")
+            out[head].append(rest)
+        else:
+            for e in editors:
+                out[e].append(a)
+    return out
+
+
+def editor_hparams(lm: LoadedModel, editors: list[str], assignments: list[str],
+                   batch_size: int) -> dict[str, tuple[type[Editor], Hparams]]:
+    """Each editor's class and hyperparameters for ``lm``; the closed-form baselines' sequential
+    batch is the protocol's batch size."""
+    out = {}
+    per = split_hparams(editors, assignments)
+    for name in editors:
+        cls = get_editor(name)
+        hp = cls.default_hparams(lm).parse(per[name])
+        if "batch_size" in hp.to_dict() and name != "neuraldb":
+            hp = hp.replace(batch_size=batch_size)
+        hp.validate(lm)
+        out[name] = (cls, hp)
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(dumps(obj))
+
+
+def _same_run(saved: dict[str, Any], head: dict[str, Any]) -> bool:
+    keys = ("format", "model", "dataset", "protocol", "evaluation")
+    return all(saved.get(k) == _plain(head.get(k)) for k in keys)
+
+
+def cases_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".json") + ".cases.json")
+
+
+def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hparams]], protocol: Any,
+        opts: EvalOptions, out: Path, resume: bool = False, report: Report | None = None,
+        prepare: Callable[[Editor], None] | None = None,
+        started: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate the unedited model and every editor under ``protocol``; returns the result."""
+    opts.validate()
+    records = select_records(ds, protocol)
+    refs = ReferenceTexts.load() if ds.kind == "counterfact" and opts.generation_every else None
+    head = header(lm, ds, records, protocol, opts, refs)
+    result: dict[str, Any] = head | {"pre": None, "editors": {}}
+    cases: dict[str, Any] = {}
+    if resume and out.is_file():
+        saved = json.loads(out.read_text(encoding="utf-8"))
+        if _same_run(saved, head):
+            result["pre"] = saved.get("pre")
+            result["editors"] = {k: v for k, v in saved.get("editors", {}).items()
+                                 if k in editors and v["hparams"] == _plain(editors[k][1].to_dict())}
+            if cases_path(out).is_file():
+                cases = json.loads(cases_path(out).read_text(encoding="utf-8"))
+    if result["pre"] is None:
+        if started:
+            started("unedited model")
+        pre = evaluate_unedited(lm, ds, records, protocol, opts, refs, report)
+        cases["pre"] = pre.pop("cases")
+        result["pre"] = pre
+        _save(out, result, cases)
+    for name, (cls, hp) in editors.items():
+        if name in result["editors"]:
+            continue
+        if started:
+            started(name)
+        row = run_editor(lm, cls, hp, ds, records, protocol, opts, refs, report, prepare)
+        cases[name] = row.pop("cases")
+        result["editors"][name] = row
+        _save(out, result, cases)
+    result["editors"] = {k: result["editors"][k] for k in editors}
+    _save(out, result, cases)
+    return result
+
+
+def _save(out: Path, result: dict[str, Any], cases: dict[str, Any]) -> None:
+    write_json(cases_path(out), cases)
+    write_json(out, result)
