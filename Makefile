@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE      ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test gate lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q; s=$$?; [ $$s -ne 5 ] || echo "pytest ran no tests" >&2; exit $$s
+
+# CI regression gate: 50 CounterFact edits with each editor against the committed baseline
+gate: setup
+	$(BIN)/neuraldb compare --editors neuraldb,memit,alphaedit --dataset counterfact --n 50 --batch-size 50 \
+		--generation-every 10 --out results/ci-gate.json --check .ci/gate-baseline.json --tolerance 2
 
 lint: setup
 	$(BIN)/ruff check .

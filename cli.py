@@ -384,7 +384,7 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
     """Shared body of ``eval`` and ``compare``."""
     import json
 
-    from evals import datasets, report, runner
+    from evals import datasets, mquake, report, runner
     from evals.evaluate import EvalOptions
     from evals.protocol import Protocol
     from neuraldb.editor import get_editor
@@ -398,8 +398,14 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
     baseline = json.loads(check.read_text(encoding="utf-8")) if check else None
     if check and not isinstance(baseline, dict):
         raise ValueError(f"{check}: not a neuraldb result file")
-    ds = datasets.load(dataset)
-    datasets.select(ds.records, protocol.n[-1], sample_seed)  # fail early when too few records
+    is_mquake = dataset in mquake.SOURCES
+    if is_mquake:
+        if len(protocol.n) != 1:
+            raise ValueError("MQuAKE takes one --n (instances); groups of --batch-size instances are edited together")
+        mquake.load(dataset)
+    else:
+        ds = datasets.load(dataset)
+        datasets.select(ds.records, protocol.n[-1], sample_seed)  # fail early when too few records
     lm = _load_model(model, device, dtype)
     chosen = runner.editor_hparams(lm, editors, hparam, batch_size)
     out = out or Path("results") / f"{dataset}-{lm.name.replace('/', '_')}-{'-'.join(editors)}-n{protocol.n[-1]}.json"
@@ -408,14 +414,20 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
 
         def started(what: str) -> None:
             tasks.clear()
-            err.print(f"[bold]{what}[/]: editing and scoring {protocol.n[-1]} records of {dataset}", highlight=False)
+            doing = "scoring" if what == "unedited model" else "editing and scoring"
+            unit = "instances" if is_mquake else "records"
+            err.print(f"[bold]{what}[/]: {doing} {protocol.n[-1]} {unit} of {dataset}", highlight=False)
 
         def advance(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        result = runner.run(lm, ds, chosen, protocol, opts, out, resume, advance, _prepare_quiet, started)
+        if is_mquake:
+            result = runner.run_mquake(lm, dataset, chosen, protocol.n[0], batch_size, out, sample_seed, resume,
+                                       advance, started)
+        else:
+            result = runner.run(lm, ds, chosen, protocol, opts, out, resume, advance, _prepare_quiet, started)
     console.print(report.rich_table(result))
     for method, edit_s, eval_s in report.timings(result):
         console.print(f"{method}: editing {edit_s:.0f} s, evaluation {eval_s:.0f} s", highlight=False)
@@ -452,8 +464,8 @@ _N_HELP = "Numbers of edits to evaluate at, e.g. 1000 or 100,500,1000 (the first
 def eval_cmd(
     editor: str = typer.Option("neuraldb", help="Editing method."),
     model: str = typer.Option("smollm2-135m", help="Model name, local folder or .gguf file."),
-    dataset: str = typer.Option("counterfact", help="counterfact, mcf, counterfact-mend, zsre, knowedit-cf, … "
-                                                    "(`neuraldb data list`)."),
+    dataset: str = typer.Option("counterfact", help="counterfact, mcf, counterfact-mend, zsre, knowedit-cf, "
+                                                    "mquake, mquake-hard, … (`neuraldb data list`)."),
     n: str = typer.Option("100", help=_N_HELP),
     batch_size: int = typer.Option(100, help="Facts per edit call (MEMIT / AlphaEdit: per closed-form batch)."),
     sequential: bool = typer.Option(True, help="Keep all edits (evaluate after the first N); --no-sequential: "

@@ -18,6 +18,8 @@ COLUMNS = {
                     ("fluency", "Fluency"), ("consistency", "Consistency"), ("score", "Score")],
     "zsre": [("efficacy", "Efficacy"), ("generalization", "Generalization"), ("specificity", "Specificity"),
              ("score", "Score")],
+    "mquake": [("edit_wise", "Edit-wise"), ("instance_wise", "Instance-wise"), ("multihop", "Multi-hop"),
+               ("multihop_cot", "Multi-hop CoT")],
 }
 NAMES = {"neuraldb": "NeuralDB", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
 
@@ -42,8 +44,10 @@ def rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def title(result: dict[str, Any]) -> str:
     p, d = result["protocol"], result["dataset"]
     ns = " → ".join(map(str, p["n"]))
+    if d["kind"] == "mquake":
+        return f"{d['name']} on {result['model']['name']}: {ns} instances, edited in groups of {p['batch_size']}"
     mode = "sequential" if p["sequential"] else "one batch at a time, restored"
-    return (f"{d['name']} on {result['model']['name']}: {ns} edits, batches of {p['batch_size']} ({mode})")
+    return f"{d['name']} on {result['model']['name']}: {ns} edits, batches of {p['batch_size']} ({mode})"
 
 
 def rich_table(result: dict[str, Any]) -> Table:
@@ -113,7 +117,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
-GATED = ("efficacy", "generalization", "specificity", "fluency", "consistency")
+GATED = ("efficacy", "generalization", "specificity", "fluency", "consistency",
+         "edit_wise", "instance_wise", "multihop", "multihop_cot")
 
 
 def check(result: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> list[str]:

@@ -8,8 +8,11 @@ rows already there, so an interrupted ``compare`` continues where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +113,60 @@ def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hpa
 def _save(out: Path, result: dict[str, Any], cases: dict[str, Any]) -> None:
     write_json(cases_path(out), cases)
     write_json(out, result)
+
+
+def run_mquake(lm: LoadedModel, name: str, editors: dict[str, tuple[type[Editor], Hparams]], n: int, group: int,
+               out: Path, sample_seed: int | None = None, resume: bool = False, report: Report | None = None,
+               started: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """MQuAKE: the unedited model on the original chains, then each editor on groups of ``group``
+    instances (edited into the unedited model, scored, restored); same result layout as :func:`run`."""
+    import random
+
+    from evals import mquake
+    from evals.protocol import FORMAT, versions
+    from neuraldb.models import model_summary
+
+    rel, sha, instances = mquake.load(name)
+    if n > len(instances):
+        raise ValueError(f"asked for {n} instances but {name} has {len(instances)}")
+    if group < 1:
+        raise ValueError("--batch-size (instances per group) must be at least 1")
+    chosen = (instances[:n] if sample_seed is None else
+              [instances[i] for i in sorted(random.Random(sample_seed).sample(range(len(instances)), n))])
+    prompts, opts = mquake.Prompts.load(), mquake.MquakeOptions()
+    ids = hashlib.sha256("\n".join(i.case_id for i in chosen).encode()).hexdigest()
+    head = {"format": FORMAT, "model": model_summary(lm),
+            "dataset": {"name": name, "kind": "mquake", "files": [{"path": rel, "sha256": sha}],
+                        "records_available": len(instances), "skipped": [], "selected": n, "records_sha256": ids},
+            "protocol": {"dataset": name, "n": [n], "batch_size": group, "sequential": False,
+                         "sample_seed": sample_seed, "evaluation": "groups of k instances, each edited into the "
+                         "unedited model, scored with greedy decoding, restored"},
+            "evaluation": asdict(opts) | {"prompts": sorted(mquake.PROMPTS.values())}, "versions": versions()}
+    result: dict[str, Any] = head | {"pre": None, "editors": {}}
+    cases: dict[str, Any] = {}
+    if resume and out.is_file():
+        saved = json.loads(out.read_text(encoding="utf-8"))
+        if _same_run(saved, head):
+            result["pre"] = saved.get("pre")
+            result["editors"] = {k: v for k, v in saved.get("editors", {}).items()
+                                 if k in editors and v["hparams"] == _plain(editors[k][1].to_dict())}
+    if result["pre"] is None:
+        if started:
+            started("unedited model")
+        t = time.perf_counter()
+        cases["pre"] = mquake.score(lm, chosen, prompts, edited=False, opts=opts)
+        result["pre"] = {"points": {str(n): mquake.metrics(cases["pre"])}, "eval_seconds": time.perf_counter() - t}
+        _save(out, result, cases)
+    for ename, (cls, hp) in editors.items():
+        if ename in result["editors"]:
+            continue
+        if started:
+            started(ename)
+        row = mquake.run_editor(lm, cls, hp, chosen, group, prompts, opts, report)
+        cases[ename] = row.pop("cases")
+        row["points"] = {str(n): row.pop("metrics")}
+        result["editors"][ename] = row
+        _save(out, result, cases)
+    result["editors"] = {k: result["editors"][k] for k in editors}
+    _save(out, result, cases)
+    return result

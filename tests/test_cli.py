@@ -158,3 +158,19 @@ def test_eval_check_fails_on_a_degraded_edit_and_passes_on_the_same_run(smollm2,
     r = run(*common, "--out", tmp_path / "bad.json", "--check", base, "--hparam", "gamma=0.999")
     assert r.exit_code == 1
     assert "regression:" in r.output and "neuraldb@3 efficacy" in r.output
+
+
+def test_data_list_and_fetch_errors(monkeypatch, tmp_path):
+    from evals import catalog
+
+    r = run("data", "list")
+    assert r.exit_code == 0, r.output
+    assert "counterfact" in r.output and "zsre" in r.output
+    r = run("data", "fetch", "nope")
+    assert r.exit_code == 1 and "unknown data set 'nope'" in r.output
+    monkeypatch.setenv("NEURALDB_DATA", str(tmp_path))
+    dead = catalog.Remote("counterfact/counterfact.json", "http://127.0.0.1:9/counterfact.json", "0" * 64)
+    monkeypatch.setitem(catalog.REMOTES, "counterfact", (dead,))
+    r = run("data", "fetch", "counterfact")
+    assert r.exit_code == 1 and "cannot download" in r.output
+    assert not (tmp_path / "counterfact" / "counterfact.json").exists()
