@@ -380,7 +380,8 @@ def _ns(text: str) -> tuple[int, ...]:
 
 def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_size: int, sequential: bool,
                     sample_seed: int | None, generation_every: int, seed: int, hparam: list[str], out: Path | None,
-                    resume: bool, check: Path | None, tolerance: float, device: str, dtype: str) -> None:
+                    resume: bool, check: Path | None, tolerance: float, device: str, dtype: str,
+                    general: str | None = None, limit: int | None = None) -> None:
     """Shared body of ``eval`` and ``compare``."""
     import json
 
@@ -399,6 +400,13 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
     if check and not isinstance(baseline, dict):
         raise ValueError(f"{check}: not a neuraldb result file")
     is_mquake = dataset in mquake.SOURCES
+    tasks = None
+    if general is not None:
+        from evals.general import resolve
+
+        tasks = runner.General(tuple(resolve(general)), limit)
+        if is_mquake:
+            raise ValueError("--general runs with the CounterFact / ZsRE protocols, not with MQuAKE's restored groups")
     if is_mquake:
         if len(protocol.n) != 1:
             raise ValueError("MQuAKE takes one --n (instances); groups of --batch-size instances are edited together")
@@ -427,8 +435,14 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
             result = runner.run_mquake(lm, dataset, chosen, protocol.n[0], batch_size, out, sample_seed, resume,
                                        advance, started)
         else:
-            result = runner.run(lm, ds, chosen, protocol, opts, out, resume, advance, _prepare_quiet, started)
+            result = runner.run(lm, ds, chosen, protocol, opts, out, resume, advance, _prepare_quiet, started, tasks)
     console.print(report.rich_table(result))
+    if tasks is not None:
+        from evals.general import results_table
+
+        runs = {"Pre-edited": result["pre"]["general"]} | {
+            report.NAMES.get(k, k): v["general"] for k, v in result["editors"].items()}
+        console.print(results_table(runs, f"General abilities (lm-eval, limit {limit}) after {protocol.n[-1]} edits"))
     for method, edit_s, eval_s in report.timings(result):
         console.print(f"{method}: editing {edit_s:.0f} s, evaluation {eval_s:.0f} s", highlight=False)
     md = out.with_suffix(".md")
@@ -481,10 +495,13 @@ def eval_cmd(
     tolerance: float = typer.Option(2.0, help="Points a metric may fall below --check's baseline."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
+    general: str | None = typer.Option(None, help="lm-eval general-ability tasks before and after editing: glue6, "
+                                                   "paper6 or TASK,TASK (cola, mmlu, lambada_openai, …)."),
+    limit: int | None = typer.Option(None, help="--general: first N documents of each task (each MMLU subject)."),
 ) -> None:
     """Edit N benchmark records with one editor and print pre- and post-edit metrics."""
     _run_comparison([editor], model, dataset, n, batch_size, sequential, sample_seed, generation_every, seed, hparam,
-                    out, resume, check, tolerance, device, dtype)
+                    out, resume, check, tolerance, device, dtype, general, limit)
 
 
 @app.command()
@@ -508,13 +525,16 @@ def compare(
     tolerance: float = typer.Option(2.0, help="Points a metric may fall below --check's baseline."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
+    general: str | None = typer.Option(None, help="lm-eval tasks before and after each editor: glue6, paper6 or "
+                                                   "TASK,TASK."),
+    limit: int | None = typer.Option(None, help="--general: first N documents of each task."),
 ) -> None:
     """Run several editors on the same records in one process and print one table (paper layout)."""
     names = [e.strip() for e in editors.split(",") if e.strip()]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"--editors must name distinct editors, got {editors!r}")
     _run_comparison(names, model, dataset, n, batch_size, sequential, sample_seed, generation_every, seed, hparam,
-                    out, resume, check, tolerance, device, dtype)
+                    out, resume, check, tolerance, device, dtype, general, limit)
 
 
 @data_app.command("list")

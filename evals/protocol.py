@@ -95,12 +95,14 @@ def evaluate_unedited(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], p
 
 def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: Dataset, records: list[EvalRecord],
                protocol: Protocol, opts: EvalOptions, refs: ReferenceTexts | None = None,
-               report: Report | None = None, prepare: Callable[[Editor], None] | None = None) -> dict[str, Any]:
+               report: Report | None = None, prepare: Callable[[Editor], None] | None = None,
+               after: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Edit ``records`` with one editor under ``protocol``, evaluate at every N, restore the model.
 
     Returns ``{"hparams", "points": {N: metrics}, "edit_seconds", "eval_seconds", "cases"}`` where
-    ``cases`` are the per-case scores at the largest N. Raises RuntimeError when the editor does
-    not give the unedited model back.
+    ``cases`` are the per-case scores at the largest N; with ``after`` (sequential protocol only),
+    its result on the model holding all edits is added as ``"general"``. Raises RuntimeError when
+    the editor does not give the unedited model back.
     """
     base = lm.fingerprint
     requests: list[EditRequest] = [r.request for r in records]
@@ -130,13 +132,15 @@ def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: 
             eval_s += s
             cases.extend(got)
             editor.restore()
+    general = after() if after is not None and protocol.sequential else None
     editor.restore()
     if fingerprint(lm.model) != base:
         raise RuntimeError(f"{editor_cls.name} did not restore the unedited model")
     if not protocol.sequential:
         points = _points(ds, protocol, cases)
-    return {"hparams": editor.hparams.to_dict(), "points": points, "edit_seconds": edit_s, "eval_seconds": eval_s,
-            "edits": done, "cases": cases}
+    row = {"hparams": editor.hparams.to_dict(), "points": points, "edit_seconds": edit_s, "eval_seconds": eval_s,
+           "edits": done, "cases": cases}
+    return row | ({"general": general} if general is not None else {})
 
 
 def header(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], protocol: Protocol, opts: EvalOptions,

@@ -72,6 +72,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "Metrics ×100 (fluency: weighted 2-/3-gram entropy ×100); n/a = not available for this data.", "",
               "| method | edit time (s) | evaluation time (s) |", "|---|---:|---:|"]
     lines += [f"| {m} | {e:.0f} | {v:.0f} |" for m, e, v in timings(result)]
+    lines += _general_markdown(result)
     d, p, m = result["dataset"], result["protocol"], result["model"]
     which = "first" if p["sample_seed"] is None else f"seeded sample (seed {p['sample_seed']}) of"
     lines += ["", "## Protocol", "",
@@ -85,6 +86,28 @@ def markdown(result: dict[str, Any]) -> str:
     for name, entry in result["editors"].items():
         lines.append(f"* {name} hyperparameters: `{entry['hparams']}`")
     return "\n".join(lines) + "\n"
+
+
+def _general_markdown(result: dict[str, Any]) -> list[str]:
+    """lm-eval results (value ± stderr) per task and metric, one column per row of the result."""
+    runs = [("Pre-edited", result["pre"].get("general"))] + [
+        (NAMES.get(k, k), v.get("general")) for k, v in result["editors"].items()]
+    runs = [(name, g) for name, g in runs if g]
+    if not runs:
+        return []
+    lines = ["", "## General abilities (lm-eval)", "", "| task | metric | " + " | ".join(n for n, _ in runs) + " |",
+             "|---|---|" + "---:|" * len(runs)]
+    for task, scores in runs[0][1].items():
+        if "unavailable" in scores:
+            lines.append(f"| {task} | — | " + " | ".join("unavailable" for _ in runs) + " |")
+            continue
+        for metric in (k for k in scores if k != "n" and not k.endswith("_stderr")):
+            cells = []
+            for _, g in runs:
+                v, e = g.get(task, {}).get(metric), g.get(task, {}).get(f"{metric}_stderr")
+                cells.append("n/a" if v is None else f"{v:.4f}" + (f" ± {e:.4f}" if e is not None else ""))
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,23 @@ from evals.protocol import Report, evaluate_unedited, header, run_editor, select
 from neuraldb.editor import Editor, Hparams, get_editor
 from neuraldb.files import write_json
 from neuraldb.models import LoadedModel, dumps
+
+
+@dataclass(frozen=True)
+class General:
+    """lm-eval general-ability tasks to run beside the editing metrics (:mod:`evals.general`)."""
+
+    tasks: tuple[str, ...]
+    limit: int | None = None
+    batch_size: int = 16
+
+    def describe(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "limit": self.limit}
+
+    def run(self, lm: LoadedModel) -> dict[str, Any]:
+        from evals.general import run_general
+
+        return run_general(lm, list(self.tasks), self.limit, self.batch_size)
 
 
 def split_hparams(editors: list[str], assignments: list[str]) -> dict[str, list[str]]:
@@ -73,12 +90,19 @@ def cases_path(out: Path) -> Path:
 def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hparams]], protocol: Any,
         opts: EvalOptions, out: Path, resume: bool = False, report: Report | None = None,
         prepare: Callable[[Editor], None] | None = None,
-        started: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Evaluate the unedited model and every editor under ``protocol``; returns the result."""
+        started: Callable[[str], None] | None = None, general: General | None = None) -> dict[str, Any]:
+    """Evaluate the unedited model and every editor under ``protocol``; returns the result.
+
+    ``general``: lm-eval tasks run on the unedited model and on each editor's model after all its
+    edits (sequential protocol), saved as ``"general"`` in each row."""
     opts.validate()
+    if general is not None and not protocol.sequential:
+        raise ValueError("--general needs the sequential protocol (the model holding all edits)")
     records = select_records(ds, protocol)
     refs = ReferenceTexts.load() if ds.kind == "counterfact" and opts.generation_every else None
     head = header(lm, ds, records, protocol, opts, refs)
+    if general is not None:
+        head["evaluation"] = head["evaluation"] | {"general": general.describe()}
     result: dict[str, Any] = head | {"pre": None, "editors": {}}
     cases: dict[str, Any] = {}
     if resume and out.is_file():
@@ -94,6 +118,8 @@ def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hpa
             started("unedited model")
         pre = evaluate_unedited(lm, ds, records, protocol, opts, refs, report)
         cases["pre"] = pre.pop("cases")
+        if general is not None:
+            pre["general"] = general.run(lm)
         result["pre"] = pre
         _save(out, result, cases)
     for name, (cls, hp) in editors.items():
@@ -101,7 +127,8 @@ def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hpa
             continue
         if started:
             started(name)
-        row = run_editor(lm, cls, hp, ds, records, protocol, opts, refs, report, prepare)
+        after = (lambda: general.run(lm)) if general is not None else None
+        row = run_editor(lm, cls, hp, ds, records, protocol, opts, refs, report, prepare, after)
         cases[name] = row.pop("cases")
         result["editors"][name] = row
         _save(out, result, cases)

@@ -128,3 +128,28 @@ def test_sciq_runs_once_its_file_is_there(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("NEURALDB_DATA", str(tmp_path))
     scores = general.run_general(tiny_model("llama"), ["sciq"], limit=None, batch_size=4)["sciq"]
     assert scores["n"] == 3 and scores["acc"] in (0.0, 1.0) and "acc_norm" in scores
+
+
+@needs_data
+def test_editing_metrics_do_not_depend_on_general_checks(tmp_path):
+    """The same edits and records with and without lm-eval runs give identical editing metrics."""
+    from evals import datasets, runner
+    from evals.evaluate import EvalOptions
+    from evals.protocol import Protocol
+
+    ds = datasets.load("counterfact")
+    ds = datasets.Dataset(ds.spec, ds.files, ds.records[:2])
+    protocol, opts = Protocol("counterfact", (1, 2), batch_size=1), EvalOptions(max_length=24)
+    results = []
+    for i, checks in enumerate((None, runner.General(("sst2",), limit=2))):
+        lm = tiny_model("llama")
+        chosen = runner.editor_hparams(lm, ["neuraldb"], ["steps=3", "layer=1"], 1)
+        torch.manual_seed(0)
+        results.append(runner.run(lm, ds, chosen, protocol, opts, tmp_path / f"r{i}.json", general=checks))
+    plain, checked = results
+    assert "general" not in plain["pre"] and checked["pre"]["general"]["sst2"]["n"] == 2
+    assert checked["editors"]["neuraldb"]["general"]["sst2"]["n"] == 2
+    assert plain["pre"]["points"] == checked["pre"]["points"]
+    assert plain["editors"]["neuraldb"]["points"] == checked["editors"]["neuraldb"]["points"]
+    saved = [json.loads((tmp_path / f"r{i}.cases.json").read_text()) for i in (0, 1)]
+    assert saved[0] == saved[1], "per-case scores and generated texts are identical too"
