@@ -144,35 +144,49 @@ class MquakeOptions:
     batch_size: int = 16
 
 
-Ask = Callable[[list[str], int, str | None], list[str]]
+def _hop_prompt(h: Hop, edited: bool, prompts: Prompts) -> str:
+    if h.edited and edited:
+        return h.cloze
+    return f"{prompts.relations.get(h.relation, '')}\nQ: {h.question} A:".lstrip("\n")
+
+
+def _split(flat: list[str], sizes: list[int]) -> list[list[str]]:
+    out, pos = [], 0
+    for n in sizes:
+        out.append(flat[pos : pos + n])
+        pos += n
+    return out
 
 
 def score(lm: LoadedModel, instances: Sequence[Instance], prompts: Prompts, edited: bool,
           opts: MquakeOptions = MquakeOptions()) -> list[dict[str, Any]]:
-    """Per instance: edit-wise hits, instance-wise (all hops recalled), multi-hop and CoT answers.
+    """Per instance: edit-wise hits, hops recalled, multi-hop and CoT answers and whether they match.
 
-    ``edited=False`` scores the original chains and answers (the unedited model's row)."""
+    ``edited=False`` scores the original chains and answers (the unedited model's row). All
+    instances' prompts of one kind are decoded together in batches."""
 
     def ask(texts: list[str], tokens: int, stop: str | None) -> list[str]:
         return greedy_continuations(lm, texts, tokens, stop, opts.batch_size) if texts else []
 
+    chains = [inst.new_hops if edited else inst.hops for inst in instances]
+    cloze = _split(ask([e.prompt for i in instances for e in i.edits], opts.answer_tokens, "\n"),
+                   [len(i.edits) for i in instances])
+    hops = _split(ask([_hop_prompt(h, edited, prompts) for c in chains for h in c], opts.answer_tokens, "\n"),
+                  [len(c) for c in chains])
+    plain = _split(ask([f"{prompts.multihop}\nQ: {q} A:" for i in instances for q in i.questions],
+                       opts.answer_tokens, "\n"), [len(i.questions) for i in instances])
+    cot = _split(ask([f"{prompts.cot}\n\nQuestion: {q}\nThoughts:" for i in instances for q in i.questions],
+                     opts.cot_tokens, None), [len(i.questions) for i in instances])
     out = []
-    for inst in instances:
-        chain = inst.new_hops if edited else inst.hops
+    for inst, chain, c_out, h_out, p_out, t_out in zip(instances, chains, cloze, hops, plain, cot):
         gold = inst.new_answers if edited else inst.answers
-        cloze = ask([e.prompt for e in inst.edits], opts.answer_tokens, "\n")
-        hop_prompts = [h.cloze if (h.edited and edited) else
-                       f"{prompts.relations.get(h.relation, '')}\nQ: {h.question} A:".lstrip("\n") for h in chain]
-        hop_out = ask(hop_prompts, opts.answer_tokens, "\n")
-        hops_ok = [starts_with(o, h.answers) if (h.edited and edited) else matches(o, h.answers)
-                   for o, h in zip(hop_out, chain)]
-        plain = ask([f"{prompts.multihop}\nQ: {q} A:" for q in inst.questions], opts.answer_tokens, "\n")
-        cot = ask([f"{prompts.cot}\n\nQuestion: {q}\nThoughts:" for q in inst.questions], opts.cot_tokens, None)
-        cot_answers = [cot_answer(c.split("\n\nQuestion:")[0]) for c in cot]
+        cot_answers = [cot_answer(t.split("\n\nQuestion:")[0]) for t in t_out]
         out.append({"case_id": inst.case_id,
-                    "edits": [starts_with(c, (e.target_new,)) for c, e in zip(cloze, inst.edits)],
-                    "hops": hops_ok, "multihop": plain, "cot": cot_answers,
-                    "multihop_ok": any(matches(a, gold) for a in plain),
+                    "edits": [starts_with(c, (e.target_new,)) for c, e in zip(c_out, inst.edits)],
+                    "hops": [starts_with(o, h.answers) if (h.edited and edited) else matches(o, h.answers)
+                             for o, h in zip(h_out, chain)],
+                    "multihop": p_out, "cot": cot_answers,
+                    "multihop_ok": any(matches(a, gold) for a in p_out),
                     "cot_ok": any(matches(a, gold) for a in cot_answers)})
     return out
 

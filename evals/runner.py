@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from baselines.closed_form import ClosedFormHparams
 from evals.consistency import ReferenceTexts
 from evals.datasets import Dataset
 from evals.evaluate import EvalOptions
@@ -66,7 +67,7 @@ def editor_hparams(lm: LoadedModel, editors: list[str], assignments: list[str],
     for name in editors:
         cls = get_editor(name)
         hp = cls.default_hparams(lm).parse(per[name])
-        if "batch_size" in hp.to_dict() and name != "neuraldb":
+        if isinstance(hp, ClosedFormHparams):  # its batch is the sequential closed-form batch
             hp = hp.replace(batch_size=batch_size)
         hp.validate(lm)
         out[name] = (cls, hp)
