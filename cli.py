@@ -396,15 +396,17 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
     protocol.validate()
     opts = EvalOptions(generation_every=generation_every, seed=seed)
     opts.validate()
+    if check is not None and not check.is_file():
+        raise ValueError(f"--check {check}: no such file")
     baseline = json.loads(check.read_text(encoding="utf-8")) if check else None
     if check and not isinstance(baseline, dict):
         raise ValueError(f"{check}: not a neuraldb result file")
     is_mquake = dataset in mquake.SOURCES
-    tasks = None
+    checks = None
     if general is not None:
         from evals.general import resolve
 
-        tasks = runner.General(tuple(resolve(general)), limit)
+        checks = runner.General(tuple(resolve(general)), limit)
         if is_mquake:
             raise ValueError("--general runs with the CounterFact / ZsRE protocols, not with MQuAKE's restored groups")
     if is_mquake:
@@ -418,26 +420,26 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
     chosen = runner.editor_hparams(lm, editors, hparam, batch_size)
     out = out or Path("results") / f"{dataset}-{lm.name.replace('/', '_')}-{'-'.join(editors)}-n{protocol.n[-1]}.json"
     with _progress() as bar:
-        tasks: dict[str, Any] = {}
+        bars: dict[str, Any] = {}
 
         def started(what: str) -> None:
-            tasks.clear()
+            bars.clear()
             doing = "scoring" if what == "unedited model" else "editing and scoring"
             unit = "instances" if is_mquake else "records"
             err.print(f"[bold]{what}[/]: {doing} {protocol.n[-1]} {unit} of {dataset}", highlight=False)
 
         def advance(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+            if stage not in bars:
+                bars[stage] = bar.add_task(stage, total=total)
+            bar.update(bars[stage], completed=done, total=total)
 
         if is_mquake:
             result = runner.run_mquake(lm, dataset, chosen, protocol.n[0], batch_size, out, sample_seed, resume,
                                        advance, started)
         else:
-            result = runner.run(lm, ds, chosen, protocol, opts, out, resume, advance, _prepare_quiet, started, tasks)
+            result = runner.run(lm, ds, chosen, protocol, opts, out, resume, advance, _prepare_quiet, started, checks)
     console.print(report.rich_table(result))
-    if tasks is not None:
+    if checks is not None:
         from evals.general import results_table
 
         runs = {"Pre-edited": result["pre"]["general"]} | {
@@ -461,7 +463,7 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

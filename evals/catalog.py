@@ -9,6 +9,7 @@ downloads a canonical file, checks its sha256 and moves it into place atomically
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import urllib.error
@@ -152,13 +153,16 @@ def _download(remote: Remote, dest: Path, progress: Callable[[str, int, int | No
                 got += len(block)
                 if progress:
                     progress(remote.path, got, int(total) if total else None)
+        if total and got != int(total):
+            raise DataFetchError(f"{remote.url}: download ended after {got:,} of {int(total):,} bytes; "
+                                 "nothing was written")
         digest = h.hexdigest()
         if remote.sha256 is not None and digest != remote.sha256:
             raise DataFetchError(f"{remote.url}: sha256 {digest[:12]}… does not match the expected "
                                  f"{remote.sha256[:12]}…; nothing was written")
         os.replace(tmp, dest)
         return digest
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", None) or e
         raise DataFetchError(f"cannot download {remote.url} ({reason}); offline? copy the file to {dest} "
                              "by hand and run `neuraldb data list` to check it") from None

@@ -62,7 +62,7 @@ def _zsre(target: str) -> Parser:
     ``answers[0]`` (MEMIT / AlphaEdit, whose published ZsRE numbers use it); ``"alt"``: EasyEdit's."""
 
     def parse(rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        new = rec["answers"][0] if target == "answer" and rec.get("answers") else rec.get("alt")
+        new = (rec.get("answers") or [None])[0] if target == "answer" else rec.get("alt")
         loc = [(rec["loc"] + "?", rec["loc_ans"])] if rec.get("loc") and rec.get("loc_ans") else []
         return {"id": rec.get("case_id"), "prompt": rec.get("src"), "subject": rec.get("subject"), "target_new": new,
                 "target_true": None, "paraphrases": [rec["rephrase"]] if rec.get("rephrase") else [],
@@ -178,7 +178,7 @@ def load(name: str, root: Path | None = None) -> Dataset:
         for n, rec in enumerate(raw, 1):
             try:
                 fields, extra = spec.parser(rec)
-                if fields.get("id") is None:
+                if fields.get("id", fields.get("case_id")) is None:
                     fields = fields | {"id": f"{Path(rel).stem}:{n}"}
                 request = parse_record(fields)
             except (FactFileError, KeyError, TypeError, IndexError) as e:

@@ -17,7 +17,7 @@ from typing import Any
 from evals.consistency import ReferenceTexts
 from evals.datasets import EvalRecord, Kind
 from evals.generate import sample_texts
-from evals.metrics import CaseScores, ZsreCase, counterfact_metrics, fluency, pct, zsre_metrics
+from evals.metrics import CaseScores, ZsreCase, counterfact_metrics, fluency_by_case, pct, zsre_metrics
 from neuraldb.models import LoadedModel
 from neuraldb.scoring import CandidateScore, score_candidates
 
@@ -70,11 +70,12 @@ def _case(kind: Kind, rec: EvalRecord, s: list[CandidateScore]) -> dict[str, Any
 
 def score_records(lm: LoadedModel, kind: Kind, records: Sequence[EvalRecord], opts: EvalOptions,
                   references: ReferenceTexts | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
+                  progress: Callable[[str, int, int], None] | None = None, offset: int = 0) -> list[dict[str, Any]]:
     """Per-case scores of ``records`` on the model as it is now.
 
     CounterFact cases without a true object cannot be scored by preference and raise ValueError.
-    ``progress(stage, done, total)`` reports the generation stage.
+    ``progress(stage, done, total)`` reports the generation stage; ``offset``: the index of
+    ``records[0]`` in the whole selection (which cases get generations does not depend on chunking).
     """
     if kind == "counterfact" and (bad := next((r.request.id for r in records if not r.request.target_true), None)):
         raise ValueError(f"case {bad}: CounterFact scoring needs target_true")
@@ -86,13 +87,14 @@ def score_records(lm: LoadedModel, kind: Kind, records: Sequence[EvalRecord], op
         cases.append(_case(kind, rec, scores[pos : pos + len(pairs)]))
         pos += len(pairs)
     if kind == "counterfact" and opts.generation_every:
-        _generate(lm, records, cases, opts, references, progress)
+        _generate(lm, records, cases, opts, references, progress, offset)
     return cases
 
 
 def _generate(lm: LoadedModel, records: Sequence[EvalRecord], cases: list[dict[str, Any]], opts: EvalOptions,
-              references: ReferenceTexts | None, progress: Callable[[str, int, int], None] | None) -> None:
-    chosen = [i for i, r in enumerate(records) if r.generation_prompts and i % opts.generation_every == 0]
+              references: ReferenceTexts | None, progress: Callable[[str, int, int], None] | None,
+              offset: int) -> None:
+    chosen = [i for i, r in enumerate(records) if r.generation_prompts and (offset + i) % opts.generation_every == 0]
     prompts = [p for i in chosen for p in records[i].generation_prompts]
     if not prompts:
         return
@@ -116,8 +118,7 @@ def metrics(kind: Kind, cases: Sequence[dict[str, Any]]) -> dict[str, float | No
     else:
         out = counterfact_metrics([CaseScores(tuple(c["rewrite"]), tuple(map(tuple, c["paraphrase"])),
                                               tuple(map(tuple, c["neighborhood"]))) for c in cases])
-        texts = [t for c in cases for t in c.get("texts", ())]
-        out["fluency"] = fluency(texts)
+        out["fluency"] = fluency_by_case([c.get("texts", ()) for c in cases])
         rs = [c["consistency"] for c in cases if c.get("consistency") is not None]
         out["consistency"] = pct(sum(rs) / len(rs)) if rs else None
     return out

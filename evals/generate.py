@@ -26,7 +26,8 @@ def _continue(lm: LoadedModel, rows: list[list[int]], new_tokens: list[int], top
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=dev)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
     last = (mask.cumsum(1) - 1).clamp(min=0)[:, -1:]
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True,
+                   logits_to_keep=1)
     steps = max(new_tokens)
     new: list[list[int]] = [[] for _ in rows]
     stopped = [False] * len(rows)

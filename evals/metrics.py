@@ -100,12 +100,18 @@ def token_accuracy(predicted: Sequence[int], target: Sequence[int]) -> float:
     return sum(int(p == t) for p, t in zip(predicted, target)) / len(target)
 
 
-_WORD = re.compile(r"\w+|[^\w\s]")
+# ROME tokenises with nltk.word_tokenize: Punkt sentences, then the Treebank word tokenizer. Punkt's
+# model is a data download (not on PyPI), so sentences are split at [.!?] followed by a capital,
+# digit or opening quote — Punkt also knows abbreviations ("Dr. Smith"), the one difference.
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 
 
 def words(text: str) -> list[str]:
-    """Word tokens: runs of word characters, and each punctuation mark on its own (NLTK-like)."""
-    return _WORD.findall(text)
+    """Word tokens as ``nltk.word_tokenize`` gives them (see the note above on sentences)."""
+    from nltk.tokenize import NLTKWordTokenizer
+
+    tok = NLTKWordTokenizer()
+    return [w for sentence in _SENTENCE.split(text) for w in tok.tokenize(sentence)]
 
 
 def ngram_entropy(text: str, weights: dict[int, float] | None = None) -> float:
@@ -125,3 +131,9 @@ def ngram_entropy(text: str, weights: dict[int, float] | None = None) -> float:
 def fluency(texts: Sequence[str]) -> float | None:
     """Mean n-gram entropy of generated texts ×100 (the papers' "Fluency"); None without texts."""
     return pct(_mean([ngram_entropy(t) for t in texts]))
+
+
+def fluency_by_case(texts_per_case: Sequence[Sequence[str]]) -> float | None:
+    """Fluency per case (its texts' mean entropy), then averaged over the cases that have texts."""
+    per_case = [_mean([ngram_entropy(t) for t in texts]) for texts in texts_per_case if texts]
+    return pct(_mean(per_case))  # type: ignore[arg-type]

@@ -12,7 +12,10 @@ measured with greedy decoding and the official prompt files (``mquake/prompts/``
   (``multihop-prompts.txt``), is answered with the answer or an alias;
 * **multi-hop CoT**: the same with the chain-of-thought prompt (``multihop-cot-prompts.txt``).
 
-The unedited model is scored on the original chains and answers. An answer matches when, after
+The unedited model is scored on the original chains and answers. ``mquake`` is the canonical
+CF-3k-v2 (``neuraldb data fetch mquake``); ``mquake-akew`` (354 cases of CF-3k v1 carried by AKEW,
+in the shared data) and ``mquake-hard`` come from v1, whose instances can contradict each other's
+edits: a group holding such a pair is refused (:func:`conflicts`). An answer matches when, after
 stripping spaces and a final period and ignoring case, it equals the answer or an alias (cloze
 continuations: starts with it).
 """
@@ -34,7 +37,8 @@ from neuraldb.files import sha256_file
 from neuraldb.models import LoadedModel
 
 SOURCES: dict[str, tuple[str, ...]] = {
-    "mquake": ("mquake/MQuAKE-CF-3k-v2.json", "mquake/AKEW_MQuAKE-CF.json"),
+    "mquake": ("mquake/MQuAKE-CF-3k-v2.json",),
+    "mquake-akew": ("mquake/AKEW_MQuAKE-CF.json",),
     "mquake-hard": ("mquake/MQuAKE-hard.json",),
     "mquake-t": ("mquake/MQuAKE-T.json",),
 }
@@ -55,6 +59,9 @@ class Hop:
 
 @dataclass(frozen=True)
 class Instance:
+    """One MQuAKE case; ``edit_triples`` / ``new_triples``: Wikidata (subject, relation, object)
+    ids of its edits and of its new chain."""
+
     case_id: str
     edits: tuple[EditRequest, ...]
     questions: tuple[str, ...]
@@ -62,6 +69,8 @@ class Instance:
     new_answers: tuple[str, ...]
     hops: tuple[Hop, ...]
     new_hops: tuple[Hop, ...]
+    edit_triples: tuple[tuple[str, str, str], ...] = ()
+    new_triples: tuple[tuple[str, str, str], ...] = ()
 
 
 def _edit(rw: dict[str, Any]) -> EditRequest:
@@ -83,7 +92,9 @@ def parse(rec: dict[str, Any]) -> Instance:
         questions=tuple(rec["questions"]), answers=(rec["answer"], *rec.get("answer_alias", [])),
         new_answers=(rec["new_answer"], *rec.get("new_answer_alias", [])),
         hops=_hops(rec["single_hops"], orig["triples"], set()),
-        new_hops=_hops(rec["new_single_hops"], orig["new_triples"], edited))
+        new_hops=_hops(rec["new_single_hops"], orig["new_triples"], edited),
+        edit_triples=tuple(tuple(t) for t in orig.get("edit_triples", [])),  # type: ignore[misc]
+        new_triples=tuple(tuple(t) for t in orig["new_triples"]))  # type: ignore[misc]
 
 
 def load(name: str, root: Path | None = None) -> tuple[str, str, list[Instance]]:
@@ -203,6 +214,26 @@ def metrics(cases: Sequence[dict[str, Any]]) -> dict[str, float | None]:
             "multihop_cot": 100.0 * sum(c["cot_ok"] for c in cases) / n}
 
 
+def conflicts(group: Sequence[Instance]) -> list[str]:
+    """Instances of ``group`` whose new chain uses an unedited fact that another instance's edit
+    overwrites (same subject and relation, another object): their gold answers would be wrong."""
+    edits = {(s, r): o for inst in group for s, r, o in inst.edit_triples}
+    bad = []
+    for inst in group:
+        own = set(inst.edit_triples)
+        if any((s, r) in edits and edits[(s, r)] != o for s, r, o in inst.new_triples if (s, r, o) not in own):
+            bad.append(inst.case_id)
+    return bad
+
+
+def check_groups(instances: Sequence[Instance], group: int) -> None:
+    """Raise ValueError when a group of ``group`` consecutive instances holds a conflict."""
+    for s in range(0, len(instances), group):
+        if bad := conflicts(instances[s : s + group]):
+            raise ValueError(f"MQuAKE cases {', '.join(bad[:5])} use facts another edit of their group of {group} "
+                             "overwrites (a v1 data set): use --batch-size 1 or the conflict-free CF-3k-v2")
+
+
 def unique_edits(instances: Sequence[Instance]) -> list[EditRequest]:
     """The group's requested rewrites, each once, in order."""
     seen: dict[str, EditRequest] = {}
@@ -221,29 +252,33 @@ def run_editor(lm: LoadedModel, editor_cls: Any, hparams: Any, instances: Sequen
     RuntimeError when the editor does not give the unedited model back."""
     import time
 
+    from baselines.closed_form import ClosedFormHparams
     from neuraldb.models import fingerprint
 
     base = lm.fingerprint
     cases: list[dict[str, Any]] = []
     edit_s = eval_s = 0.0
     n_edits = 0
-    editor = None
+    check_groups(instances, group)
     for start in range(0, len(instances), group):
         chunk = instances[start : start + group]
-        editor = editor_cls(lm, hparams)
         edits = unique_edits(chunk)
+        # a group's edits are one closed-form batch
+        hp = hparams.replace(batch_size=len(edits)) if isinstance(hparams, ClosedFormHparams) else hparams
+        editor = editor_cls(lm, hp)
         t = time.perf_counter()
         editor.edit(edits)
         edit_s += time.perf_counter() - t
         n_edits += len(edits)
         t = time.perf_counter()
-        cases += score(lm, chunk, prompts, edited=True, opts=opts)
+        try:
+            cases += score(lm, chunk, prompts, edited=True, opts=opts)
+        finally:
+            editor.restore()
         eval_s += time.perf_counter() - t
-        editor.restore()
         if report:
             report("instances", start + len(chunk), len(instances))
     if fingerprint(lm.model) != base:
         raise RuntimeError(f"{editor_cls.name} did not restore the unedited model")
-    hp = editor.hparams.to_dict() if editor is not None else hparams.to_dict()
-    return {"hparams": hp, "metrics": metrics(cases), "edit_seconds": edit_s, "eval_seconds": eval_s,
+    return {"hparams": hparams.to_dict(), "metrics": metrics(cases), "edit_seconds": edit_s, "eval_seconds": eval_s,
             "edits": n_edits, "cases": cases}

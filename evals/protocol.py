@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from evals.consistency import ReferenceTexts
@@ -45,6 +46,9 @@ class Protocol:
             raise ValueError(f"--n must be ascending positive numbers, got {','.join(map(str, self.n))}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        if self.sequential and (odd := [n for n in self.n[:-1] if n % self.batch_size]):
+            raise ValueError(f"--n {','.join(map(str, odd))}: an intermediate number of edits must be a multiple of "
+                             f"--batch-size {self.batch_size} (otherwise it would split a batch)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"evaluation": "after the first N edits, on the first N records" if self.sequential
@@ -56,8 +60,18 @@ class Protocol:
         return list(zip([0, *cuts[:-1]], cuts))
 
 
+def source_sha() -> str:
+    """sha256 of the Python sources of neuraldb, baselines and evals (which code produced a row)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in ("neuraldb", "baselines", "evals"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
+    out = {"python": platform.python_version(), "neuraldb_source": source_sha()}
     for pkg in ("neuraldb", "torch", "transformers", "lm_eval"):
         try:
             out[pkg] = metadata.version(pkg)
@@ -75,9 +89,10 @@ Report = Callable[[str, int, int], None]
 
 
 def _evaluate(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], opts: EvalOptions,
-              refs: ReferenceTexts | None, report: Report | None) -> tuple[list[dict[str, Any]], float]:
+              refs: ReferenceTexts | None, report: Report | None,
+              offset: int = 0) -> tuple[list[dict[str, Any]], float]:
     t = time.perf_counter()
-    cases = score_records(lm, ds.kind, records, opts, refs, report)
+    cases = score_records(lm, ds.kind, records, opts, refs, report, offset)
     return cases, time.perf_counter() - t
 
 
@@ -109,44 +124,47 @@ def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: 
     edit_s = eval_s = 0.0
     points: dict[str, dict[str, float | None]] = {}
     cases: list[dict[str, Any]] = []
+    general = None
     editor = editor_cls(lm, hparams)
-    if prepare:
-        prepare(editor)
-    done = 0
-    for start, end in protocol.chunks():
-        if not protocol.sequential:
-            editor = editor_cls(lm, hparams)
-        t = time.perf_counter()
-        editor.edit(requests[start:end])
-        edit_s += time.perf_counter() - t
-        done = end
-        if report:
-            report("edits", done, len(requests))
-        if protocol.sequential and str(end) in {str(n) for n in protocol.n}:
-            got, s = _evaluate(lm, ds, records[:end], opts, refs, None)
-            eval_s += s
-            points[str(end)] = metrics(ds.kind, got)
-            cases = got
-        elif not protocol.sequential:
-            got, s = _evaluate(lm, ds, records[start:end], opts, refs, None)
-            eval_s += s
-            cases.extend(got)
-            editor.restore()
-    general = after() if after is not None and protocol.sequential else None
-    editor.restore()
+    try:
+        if prepare:
+            prepare(editor)
+        for start, end in protocol.chunks():
+            if not protocol.sequential and start > 0:
+                editor.restore()
+                editor = editor_cls(lm, hparams)
+            t = time.perf_counter()
+            editor.edit(requests[start:end])
+            edit_s += time.perf_counter() - t
+            if report:
+                report("edits", end, len(requests))
+            if not protocol.sequential:
+                got, s = _evaluate(lm, ds, records[start:end], opts, refs, None, offset=start)
+                eval_s += s
+                cases.extend(got)
+            elif end in protocol.n:
+                got, s = _evaluate(lm, ds, records[:end], opts, refs, None)
+                eval_s += s
+                points[str(end)] = metrics(ds.kind, got)
+                cases = got
+        if after is not None and protocol.sequential:
+            general = after()
+    finally:
+        editor.restore()
     if fingerprint(lm.model) != base:
         raise RuntimeError(f"{editor_cls.name} did not restore the unedited model")
     if not protocol.sequential:
         points = _points(ds, protocol, cases)
     row = {"hparams": editor.hparams.to_dict(), "points": points, "edit_seconds": edit_s, "eval_seconds": eval_s,
-           "edits": done, "cases": cases}
+           "edits": len(requests), "cases": cases}
     return row | ({"general": general} if general is not None else {})
 
 
 def header(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], protocol: Protocol, opts: EvalOptions,
            refs: ReferenceTexts | None) -> dict[str, Any]:
     """Everything that defines a run (two runs with equal headers are comparable and resumable)."""
-    return {"format": FORMAT, "model": model_summary(lm), "dataset": ds.describe() | {
+    return {"format": FORMAT, "model": model_summary(lm) | {"device": str(lm.device), "dtype": str(lm.model.dtype)},
+            "dataset": ds.describe() | {
         "selected": len(records), "records_sha256": records_sha(records)},
         "protocol": protocol.to_dict(), "evaluation": opts.to_dict() | {
             "consistency": "available" if refs is not None else "unavailable (reference files absent)"},

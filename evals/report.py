@@ -8,6 +8,8 @@ each carry ``points`` = {N: {metric: value or None}}. Tables follow the NeuralDB
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -135,19 +137,27 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    os.replace(tmp, path)
     return True
 
 
+COMPARABLE = [("model", "model", "fingerprint"), ("dataset", "dataset", "name"),
+              ("records", "dataset", "records_sha256"), ("protocol", "protocol", "n"),
+              ("batch size", "protocol", "batch_size"), ("protocol", "protocol", "sequential")]
 GATED = ("efficacy", "generalization", "specificity", "fluency", "consistency",
          "edit_wise", "instance_wise", "multihop", "multihop_cot")
 
 
 def check(result: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> list[str]:
     """Each metric of ``baseline`` (editors and N it has) that ``result`` lost more than
-    ``tolerance`` points on, or does not report, as one line; empty when the result holds."""
-    failures = []
+    ``tolerance`` points on, or does not report, as one line; empty when the result holds. A
+    baseline of another model, dataset, record selection or protocol is itself a failure."""
+    result = json.loads(json.dumps(result))  # as saved: tuples become lists
+    failures = [f"baseline differs in {what}: {baseline.get(a, {}).get(b)} vs {result.get(a, {}).get(b)}"
+                for what, a, b in COMPARABLE if baseline.get(a, {}).get(b) != result.get(a, {}).get(b)]
     for name, entry in baseline.get("editors", {}).items():
         got = result.get("editors", {}).get(name)
         if got is None:

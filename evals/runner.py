@@ -79,9 +79,30 @@ def _plain(obj: Any) -> Any:
     return json.loads(dumps(obj))
 
 
-def _same_run(saved: dict[str, Any], head: dict[str, Any]) -> bool:
+def _resumable(out: Path, head: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved result at ``out`` when it is from the same run (same header and source code);
+    raises ValueError naming what differs otherwise, so ``--resume`` never overwrites another run."""
+    if not out.is_file():
+        return None
+    saved = json.loads(out.read_text(encoding="utf-8"))
     keys = ("format", "model", "dataset", "protocol", "evaluation")
-    return all(saved.get(k) == _plain(head.get(k)) for k in keys)
+    differ = [k for k in keys if saved.get(k) != _plain(head.get(k))]
+    if saved.get("versions", {}).get("neuraldb_source") != head["versions"]["neuraldb_source"]:
+        differ.append("source code")
+    if differ:
+        raise ValueError(f"--resume: {out} holds a different run (it differs in {', '.join(differ)}); "
+                         "choose another --out or drop --resume to overwrite it")
+    return saved
+
+
+def _reuse(saved: dict[str, Any], out: Path, editors: dict[str, tuple[type[Editor], Hparams]]
+           ) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
+    """Rows of a saved identical run to keep: the unedited row, and editors run with the same
+    hyperparameters; with their per-case scores."""
+    kept = {k: v for k, v in saved.get("editors", {}).items()
+            if k in editors and v["hparams"] == _plain(editors[k][1].to_dict())}
+    cases = json.loads(cases_path(out).read_text(encoding="utf-8")) if cases_path(out).is_file() else {}
+    return saved.get("pre"), kept, {k: v for k, v in cases.items() if k == "pre" or k in kept}
 
 
 def cases_path(out: Path) -> Path:
@@ -106,14 +127,8 @@ def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hpa
         head["evaluation"] = head["evaluation"] | {"general": general.describe()}
     result: dict[str, Any] = head | {"pre": None, "editors": {}}
     cases: dict[str, Any] = {}
-    if resume and out.is_file():
-        saved = json.loads(out.read_text(encoding="utf-8"))
-        if _same_run(saved, head):
-            result["pre"] = saved.get("pre")
-            result["editors"] = {k: v for k, v in saved.get("editors", {}).items()
-                                 if k in editors and v["hparams"] == _plain(editors[k][1].to_dict())}
-            if cases_path(out).is_file():
-                cases = json.loads(cases_path(out).read_text(encoding="utf-8"))
+    if resume and (saved := _resumable(out, head)) is not None:
+        result["pre"], result["editors"], cases = _reuse(saved, out, editors)
     if result["pre"] is None:
         if started:
             started("unedited model")
@@ -161,6 +176,7 @@ def run_mquake(lm: LoadedModel, name: str, editors: dict[str, tuple[type[Editor]
         raise ValueError("--batch-size (instances per group) must be at least 1")
     chosen = (instances[:n] if sample_seed is None else
               [instances[i] for i in sorted(random.Random(sample_seed).sample(range(len(instances)), n))])
+    mquake.check_groups(chosen, group)
     prompts, opts = mquake.Prompts.load(), mquake.MquakeOptions()
     ids = hashlib.sha256("\n".join(i.case_id for i in chosen).encode()).hexdigest()
     head = {"format": FORMAT, "model": model_summary(lm),
@@ -172,12 +188,8 @@ def run_mquake(lm: LoadedModel, name: str, editors: dict[str, tuple[type[Editor]
             "evaluation": asdict(opts) | {"prompts": sorted(mquake.PROMPTS.values())}, "versions": versions()}
     result: dict[str, Any] = head | {"pre": None, "editors": {}}
     cases: dict[str, Any] = {}
-    if resume and out.is_file():
-        saved = json.loads(out.read_text(encoding="utf-8"))
-        if _same_run(saved, head):
-            result["pre"] = saved.get("pre")
-            result["editors"] = {k: v for k, v in saved.get("editors", {}).items()
-                                 if k in editors and v["hparams"] == _plain(editors[k][1].to_dict())}
+    if resume and (saved := _resumable(out, head)) is not None:
+        result["pre"], result["editors"], cases = _reuse(saved, out, editors)
     if result["pre"] is None:
         if started:
             started("unedited model")

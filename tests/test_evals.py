@@ -166,6 +166,8 @@ def test_check_names_each_metric_that_fell():
     assert len(failures) == 2
     assert failures[0].startswith("memit@50 efficacy: 70.0") and "specificity" in failures[1]
     assert report.check(_result(), base, 2) == ["memit: not in the result"]
+    other = base | {"dataset": {"name": "zsre", "records_sha256": "x"}}
+    assert report.check(same, other, 2)[0].startswith("baseline differs in dataset")
 
 
 def test_fluency_entropy_matches_hand_count():

@@ -13,7 +13,7 @@ needs_data = pytest.mark.skipif(not (DATA / "mquake").is_dir(), reason="shared d
 
 @needs_data
 def test_loader_keeps_each_rewrite_as_its_own_edit():
-    rel, sha, instances = mquake.load("mquake")
+    rel, sha, instances = mquake.load("mquake-akew")
     assert rel == "mquake/AKEW_MQuAKE-CF.json" and sha.startswith("8469d4a0") and len(instances) == 354
     first = instances[0]
     assert first.case_id == "1" and len(first.edits) == 1
@@ -21,6 +21,8 @@ def test_loader_keeps_each_rewrite_as_its_own_edit():
     assert [h.edited for h in first.new_hops] == [True, False] and not any(h.edited for h in first.hops)
     assert first.new_answers[0] == "Kolinda Grabar-Kitarović" and len(first.questions) == 3
     assert sum(len(i.edits) for i in instances) == 277 + 2 * 72 + 3 * 5
+    with pytest.raises(FileNotFoundError, match="MQuAKE-CF-3k-v2"):
+        mquake.load("mquake")  # canonical v2 only when fetched, never a silent v1 stand-in
     _, _, hard = mquake.load("mquake-hard")
     assert len(hard) == 429 and all(len(i.edits) == 4 for i in hard)
     with pytest.raises(ValueError, match="unknown MQuAKE set"):
@@ -48,7 +50,7 @@ def test_four_accuracies_by_hand():
 
 @needs_data
 def test_scoring_runs_every_prompt_family_on_a_tiny_model():
-    _, _, instances = mquake.load("mquake")
+    _, _, instances = mquake.load("mquake-akew")
     lm = tiny_model("llama")
     opts = mquake.MquakeOptions(answer_tokens=3, cot_tokens=4, batch_size=4)
     cases = mquake.score(lm, instances[:2], mquake.Prompts.load(), edited=True, opts=opts)
@@ -59,3 +61,11 @@ def test_scoring_runs_every_prompt_family_on_a_tiny_model():
     assert set(mquake.metrics(cases)) == {"edit_wise", "instance_wise", "multihop", "multihop_cot"}
     edits = mquake.unique_edits([instances[0], instances[0]])
     assert len(edits) == len(instances[0].edits), "a rewrite shared by two instances is edited once"
+
+
+@needs_data
+def test_groups_with_contradicting_edits_are_refused():
+    _, _, instances = mquake.load("mquake-akew")
+    mquake.check_groups(instances, 1)
+    with pytest.raises(ValueError, match="overwrites"):
+        mquake.check_groups(instances, 100)
