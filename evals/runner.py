@@ -125,6 +125,25 @@ def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hpa
     head = header(lm, ds, records, protocol, opts, refs)
     if general is not None:
         head["evaluation"] = head["evaluation"] | {"general": general.describe()}
+
+    def unedited() -> dict[str, Any]:
+        pre = evaluate_unedited(lm, ds, records, protocol, opts, refs, report)
+        if general is not None:
+            pre["general"] = general.run(lm)
+        return pre
+
+    def edited(cls: type[Editor], hp: Hparams) -> dict[str, Any]:
+        after = (lambda: general.run(lm)) if general is not None else None
+        return run_editor(lm, cls, hp, ds, records, protocol, opts, refs, report, prepare, after)
+
+    return _drive(out, head, editors, resume, unedited, edited, started)
+
+
+def _drive(out: Path, head: dict[str, Any], editors: dict[str, tuple[type[Editor], Hparams]], resume: bool,
+           unedited: Callable[[], dict[str, Any]], edited: Callable[[type[Editor], Hparams], dict[str, Any]],
+           started: Callable[[str], None] | None) -> dict[str, Any]:
+    """The unedited row, then each editor's row (each a dict with its per-case ``"cases"``), saved
+    after every row; rows of an identical saved run are reused with ``resume``."""
     result: dict[str, Any] = head | {"pre": None, "editors": {}}
     cases: dict[str, Any] = {}
     if resume and (saved := _resumable(out, head)) is not None:
@@ -132,10 +151,8 @@ def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hpa
     if result["pre"] is None:
         if started:
             started("unedited model")
-        pre = evaluate_unedited(lm, ds, records, protocol, opts, refs, report)
+        pre = unedited()
         cases["pre"] = pre.pop("cases")
-        if general is not None:
-            pre["general"] = general.run(lm)
         result["pre"] = pre
         _save(out, result, cases)
     for name, (cls, hp) in editors.items():
@@ -143,8 +160,7 @@ def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hpa
             continue
         if started:
             started(name)
-        after = (lambda: general.run(lm)) if general is not None else None
-        row = run_editor(lm, cls, hp, ds, records, protocol, opts, refs, report, prepare, after)
+        row = edited(cls, hp)
         cases[name] = row.pop("cases")
         result["editors"][name] = row
         _save(out, result, cases)
@@ -179,34 +195,21 @@ def run_mquake(lm: LoadedModel, name: str, editors: dict[str, tuple[type[Editor]
     mquake.check_groups(chosen, group)
     prompts, opts = mquake.Prompts.load(), mquake.MquakeOptions()
     ids = hashlib.sha256("\n".join(i.case_id for i in chosen).encode()).hexdigest()
-    head = {"format": FORMAT, "model": model_summary(lm),
+    head = {"format": FORMAT, "model": model_summary(lm) | {"device": str(lm.device), "dtype": str(lm.model.dtype)},
             "dataset": {"name": name, "kind": "mquake", "files": [{"path": rel, "sha256": sha}],
                         "records_available": len(instances), "skipped": [], "selected": n, "records_sha256": ids},
             "protocol": {"dataset": name, "n": [n], "batch_size": group, "sequential": False,
                          "sample_seed": sample_seed, "evaluation": "groups of k instances, each edited into the "
                          "unedited model, scored with greedy decoding, restored"},
             "evaluation": asdict(opts) | {"prompts": sorted(mquake.PROMPTS.values())}, "versions": versions()}
-    result: dict[str, Any] = head | {"pre": None, "editors": {}}
-    cases: dict[str, Any] = {}
-    if resume and (saved := _resumable(out, head)) is not None:
-        result["pre"], result["editors"], cases = _reuse(saved, out, editors)
-    if result["pre"] is None:
-        if started:
-            started("unedited model")
+    def unedited() -> dict[str, Any]:
         t = time.perf_counter()
-        cases["pre"] = mquake.score(lm, chosen, prompts, edited=False, opts=opts)
-        result["pre"] = {"points": {str(n): mquake.metrics(cases["pre"])}, "eval_seconds": time.perf_counter() - t}
-        _save(out, result, cases)
-    for ename, (cls, hp) in editors.items():
-        if ename in result["editors"]:
-            continue
-        if started:
-            started(ename)
+        got = mquake.score(lm, chosen, prompts, edited=False, opts=opts)
+        return {"points": {str(n): mquake.metrics(got)}, "eval_seconds": time.perf_counter() - t, "cases": got}
+
+    def edited(cls: type[Editor], hp: Hparams) -> dict[str, Any]:
         row = mquake.run_editor(lm, cls, hp, chosen, group, prompts, opts, report)
-        cases[ename] = row.pop("cases")
         row["points"] = {str(n): row.pop("metrics")}
-        result["editors"][ename] = row
-        _save(out, result, cases)
-    result["editors"] = {k: result["editors"][k] for k in editors}
-    _save(out, result, cases)
-    return result
+        return row
+
+    return _drive(out, head, editors, resume, unedited, edited, started)

@@ -3,6 +3,7 @@ dataset loaders on the shared data, unavailable metrics, the protocol and the re
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -176,3 +177,27 @@ def test_fluency_entropy_matches_hand_count():
     # "x y x y" → bigrams (x,y)×2 (y,x)×1: H2 = −(2/3 log 2/3 + 1/3 log 1/3); trigrams two distinct: H3 = 1
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
     assert ngram_entropy("x y x y") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+
+
+@pytest.mark.skipif(not (DATA / "counterfact").is_dir(), reason="shared data not present")
+def test_resume_reuses_rows_and_refuses_another_run(tmp_path, monkeypatch):
+    from evals import runner
+
+    ds = datasets.load("counterfact")
+    ds = datasets.Dataset(ds.spec, ds.files, ds.records[:2])
+    opts = EvalOptions(generation_every=0)
+    lm = tiny_model("llama")
+    chosen = runner.editor_hparams(lm, ["neuraldb"], ["steps=2", "layer=1"], 2)
+    out = tmp_path / "r.json"
+    first = runner.run(lm, ds, chosen, Protocol("counterfact", (2,), 2), opts, out)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a saved row was recomputed")
+
+    monkeypatch.setattr(runner, "run_editor", boom)
+    monkeypatch.setattr(runner, "evaluate_unedited", boom)
+    again = runner.run(lm, ds, chosen, Protocol("counterfact", (2,), 2), opts, out, resume=True)
+    assert again["editors"] == json.loads(out.read_text())["editors"]
+    assert again["pre"]["points"] == first["pre"]["points"]
+    with pytest.raises(ValueError, match="differs in protocol"):
+        runner.run(lm, ds, chosen, Protocol("counterfact", (2,), 1), opts, out, resume=True)
