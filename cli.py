@@ -68,15 +68,6 @@ def _load_model(name: str, device: str, dtype: str):
         return models.load(name, device=device, dtype=dtype)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    from neuraldb.models import dumps
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(obj) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _edit_with_progress(editor: Any, requests: list, **kw: Any) -> None:
     with _progress() as bar:
         task = bar.add_task(f"{editor.name}: writing facts", total=len(requests))
@@ -138,6 +129,7 @@ def edit(
     `neuraldb ask --edits OUT` uses either."""
     from neuraldb.editor import get_editor
     from neuraldb.facts import load_facts
+    from neuraldb.files import write_json
     from neuraldb.scoring import edit_report, preferences
 
     cls = get_editor(editor)
@@ -169,7 +161,7 @@ def edit(
         table.add_row("locality: pre-edit preference kept", "", f"{summary['locality_kept']:.1f}%")
     console.print(table)
     path = report or out.with_name(out.name + ".report.json")
-    _write_json(path, {"editor": editor, "model": lm.name, "fingerprint": lm.fingerprint, "facts": str(facts),
+    write_json(path, {"editor": editor, "model": lm.name, "fingerprint": lm.fingerprint, "facts": str(facts),
                        "n": len(requests), "hparams": ed.hparams.to_dict(), "summary": summary})
     err.print(f"report saved to {path}")
 
@@ -389,6 +381,7 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
     from evals.evaluate import EvalOptions
     from evals.protocol import Protocol
     from neuraldb.editor import get_editor
+    from neuraldb.files import write_text
 
     for name in editors:
         get_editor(name)
@@ -448,7 +441,7 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
     for method, edit_s, eval_s in report.timings(result):
         console.print(f"{method}: editing {edit_s:.0f} s, evaluation {eval_s:.0f} s", highlight=False)
     md = out.with_suffix(".md")
-    _write_text(md, report.markdown(result))
+    write_text(md, report.markdown(result))
     png = out.with_suffix(".png")
     plotted = report.plot(result, png)
     err.print(f"saved {out}, {runner.cases_path(out)}, {md}" + (f", {png}" if plotted else ""))
@@ -459,13 +452,6 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
                 err.print(f"[bold red]regression:[/] {f}", highlight=False)
             raise typer.Exit(1)
         err.print(f"check passed: no metric more than {tolerance:g} points below {check}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _prepare_quiet(editor: Any) -> None:

@@ -76,13 +76,18 @@ def read_artifact(path: str | Path, meta_name: str, fmt: str) -> tuple[dict[str,
     return meta, load_file(str(file))
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as deterministic JSON, atomically."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(dumps(obj) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as deterministic JSON, atomically."""
+    write_text(path, dumps(obj) + "\n")
 
 
 def _swap_in(new: Path, path: Path) -> None:
