@@ -4,6 +4,12 @@ fluency) and greedy decoding with a stop string (MQuAKE's answers).
 Prompts are sorted by token length and left-padded in batches (attention mask and position ids
 make the padding invisible), with a KV cache. Sampling forks the global RNG: it is reproducible
 from ``seed`` and leaves the caller's RNG state untouched.
+
+Greedy decoding of few-shot prompts (MQuAKE's 8-shot and chain-of-thought prompts are 300–600
+tokens, the question after them 10–30) runs the shared prefix once: prompts are ordered by their
+token ids, so prompts with the same few-shot block are neighbours, and a batch whose rows share
+at least ``share`` leading tokens reuses that prefix's keys and values. The split is made on
+token ids, never on text, so every row sees exactly the tokens of its whole prompt.
 """
 
 from __future__ import annotations
@@ -12,22 +18,45 @@ from functools import lru_cache
 
 import torch
 
+from neuraldb.hooks import cache_from, prefix_cache
 from neuraldb.models import LoadedModel
+
+Prefix = tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]  # token ids, per-layer (k, v)
+
+
+@torch.no_grad()
+def _prefix(lm: LoadedModel, ids: tuple[int, ...]) -> Prefix | None:
+    """Keys and values of ``ids`` (``[1, heads, len, head_dim]`` per layer), or None when the
+    model's cache does not keep every position (a sliding-window layer shorter than ``ids``)."""
+    out = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=True, logits_to_keep=1)
+    kv = prefix_cache(out.cache, len(ids))
+    return (ids, kv) if all(k.shape[-2] == len(ids) for k, _ in kv) else None
 
 
 @torch.no_grad()
 def _continue(lm: LoadedModel, rows: list[list[int]], new_tokens: list[int], top_k: int,
-              stop_ids: frozenset[int] = frozenset()) -> list[list[int]]:
+              stop_ids: frozenset[int] = frozenset(), prefix: Prefix | None = None) -> list[list[int]]:
     """Up to ``new_tokens[i]`` tokens after row i (top-k sampled; ``top_k=1``: greedy), ending
-    early once every row has produced a token of ``stop_ids``."""
+    early once every row has produced a token of ``stop_ids``.
+
+    With ``prefix``, every row starts with its P token ids: only the rest is run, on top of the
+    prefix's keys and values (expanded to the batch); rows are left-padded after the prefix."""
+    n_prefix = len(prefix[0]) if prefix else 0
+    rows = [r[n_prefix:] for r in rows]
     width = max(len(r) for r in rows)
     pad = lm.tokenizer.pad_token_id
     dev = lm.device
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=dev)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
-    last = (mask.cumsum(1) - 1).clamp(min=0)[:, -1:]
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True,
-                   logits_to_keep=1)
+    mask = torch.tensor([[1] * n_prefix + [0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    last = positions[:, -1:]
+    cache = None
+    if prefix:
+        batch = len(rows)
+        cache = cache_from([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix[1]],
+                           lm.model.config)
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions[:, n_prefix:], cache=cache,
+                   use_cache=True, logits_to_keep=1)
     steps = max(new_tokens)
     new: list[list[int]] = [[] for _ in rows]
     stopped = [False] * len(rows)
@@ -50,11 +79,53 @@ def _continue(lm: LoadedModel, rows: list[list[int]], new_tokens: list[int], top
     return new
 
 
+def _encode(lm: LoadedModel, prompts: list[str]) -> list[list[int]]:
+    return [list(lm.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+
+
+def _by_length(encoded: list[list[int]], idx: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of the indices ``idx``, sorted by token length."""
+    order = sorted(idx, key=lambda i: len(encoded[i]))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def _batches(lm: LoadedModel, prompts: list[str], batch_size: int) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of each prompt, and batches of prompt indices sorted by length."""
-    encoded = [list(lm.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    return encoded, [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    encoded = _encode(lm, prompts)
+    return encoded, _by_length(encoded, list(range(len(prompts))), batch_size)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def shared_groups(encoded: list[list[int]], share: int) -> list[tuple[int, list[int]]]:
+    """Prompts grouped by a shared prefix of at least ``share`` tokens: ``(n, indices)`` with n the
+    group's common leading tokens, leaving every row at least one token of its own; prompts that
+    share too little with their neighbours form one group with n = 0 (last)."""
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i])
+    groups: list[tuple[int, list[int]]] = []
+    alone: list[int] = []
+    run, n = order[:1], 0
+
+    def close() -> None:
+        m = min([n] + [len(encoded[i]) - 1 for i in run])
+        if len(run) > 1 and m >= share:
+            groups.append((m, run))
+        else:
+            alone.extend(run)
+
+    for a, b in zip(order, order[1:]):
+        c = _common(encoded[a], encoded[b])
+        if c >= share:
+            n = c if len(run) == 1 else min(n, c)
+            run.append(b)
+        else:
+            close()
+            run, n = [b], 0
+    if run:
+        close()
+    return groups + ([(0, alone)] if alone else [])
 
 
 def sample_texts(lm: LoadedModel, prompts: list[str], max_length: int = 100, top_k: int = 5, seed: int = 0,
@@ -82,15 +153,21 @@ def _ids_containing(tok: object, text: str) -> frozenset[int]:
 
 
 def greedy_continuations(lm: LoadedModel, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
-                         batch_size: int = 32) -> list[str]:
+                         batch_size: int = 32, share: int = 32) -> list[str]:
     """Greedy continuation of each prompt (new text only), cut before ``stop`` when it occurs;
-    decoding ends once every row has produced ``stop`` or ``max_new_tokens`` tokens."""
-    encoded, batches = _batches(lm, prompts, batch_size)
+    decoding ends once every row has produced ``stop`` or ``max_new_tokens`` tokens.
+
+    Prompts sharing at least ``share`` leading tokens (:func:`shared_groups`) run that prefix once
+    (``share=0``: never)."""
+    encoded = _encode(lm, prompts)
+    groups = shared_groups(encoded, share) if share else [(0, list(range(len(prompts))))]
     stop_ids = _ids_containing(lm.tokenizer, stop) if stop else frozenset()
     out = [""] * len(prompts)
-    for idx in batches:
-        new = _continue(lm, [encoded[i] for i in idx], [max_new_tokens] * len(idx), 1, stop_ids)
-        for i, toks in zip(idx, new):
-            text = lm.tokenizer.decode(toks, skip_special_tokens=True)
-            out[i] = text.split(stop)[0] if stop else text
+    for n, members in groups:
+        prefix = _prefix(lm, tuple(encoded[members[0]][:n])) if n else None
+        for idx in _by_length(encoded, members, batch_size):
+            new = _continue(lm, [encoded[i] for i in idx], [max_new_tokens] * len(idx), 1, stop_ids, prefix)
+            for i, toks in zip(idx, new):
+                text = lm.tokenizer.decode(toks, skip_special_tokens=True)
+                out[i] = text.split(stop)[0] if stop else text
     return out
