@@ -419,7 +419,8 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
             bars.clear()
             doing = "scoring" if what == "unedited model" else "editing and scoring"
             unit = "instances" if is_mquake else "records"
-            err.print(f"[bold]{what}[/]: {doing} {protocol.n[-1]} {unit} of {dataset}", highlight=False)
+            then = f", then lm-eval on {', '.join(checks.tasks)} (output held back)" if checks else ""
+            err.print(f"[bold]{what}[/]: {doing} {protocol.n[-1]} {unit} of {dataset}{then}", highlight=False)
 
         def advance(stage: str, done: int, total: int) -> None:
             if stage not in bars:

@@ -16,11 +16,13 @@ Task names here are lm-eval's names without the ``ndb_`` prefix (``cola``, ``mml
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -110,22 +112,22 @@ def _left_as_found(model: torch.nn.Module) -> Iterator[None]:
         model.train(training)
 
 
-class _DropCustomDatasetNotice(logging.Filter):
-    """lm-eval warns once per task built from ``custom_dataset`` (57 times for MMLU); the notice is about CLI
-    metadata and says nothing about the run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed" not in record.getMessage()
-
-
 @contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    logger, notice = logging.getLogger("lm_eval.api.task"), _DropCustomDatasetNotice()
-    logger.addFilter(notice)
+    """lm-eval's tqdm bars, ``print``s ("bootstrapping for stddev") and per-task notices are held back: they
+    would interleave with neuraldb's own progress and tables. If the harness fails, what it wrote is shown."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    held = io.StringIO()
     try:
-        yield
+        with redirect_stdout(held), redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
     finally:
-        logger.removeFilter(notice)
+        logger.setLevel(level)
 
 
 def _evaluate(lm: LoadedModel, tasks: list[str], limit: int | None, batch_size: int, seed: int,

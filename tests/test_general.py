@@ -95,6 +95,18 @@ def test_rng_and_model_left_as_found() -> None:
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 
+@needs_data
+def test_harness_output_is_held_back(capsys) -> None:
+    """lm-eval's tqdm bars, prints and notices do not reach the terminal; when it fails they do."""
+    general.run_general(tiny_model("llama"), ["mrpc"], limit=2, batch_size=2, bootstrap_iters=10)
+    out, err = capsys.readouterr()
+    assert out == "" and err == "", (out, err)
+    with pytest.raises(RuntimeError), general._quiet_lm_eval():
+        print("Running loglikelihood requests")
+        raise RuntimeError("harness failed")
+    assert "Running loglikelihood requests" in capsys.readouterr().err, "a failing harness shows what it wrote"
+
+
 def test_resolve() -> None:
     assert general.resolve("glue6") == ["cola", "sst2", "mrpc", "qnli", "rte", "nli"]
     assert general.resolve("paper6") == ["mmlu", "commonsense_qa", "arc_challenge", "lambada_openai", "wsc273",
