@@ -41,7 +41,7 @@ class EvalOptions:
         return asdict(self)
 
 
-def _pairs(kind: Kind, rec: EvalRecord) -> list[tuple[str, str]]:
+def case_pairs(kind: Kind, rec: EvalRecord) -> list[tuple[str, str]]:
     """The (prompt, candidate) pairs a case needs, in a fixed order."""
     r = rec.request
     if kind == "zsre":
@@ -79,7 +79,7 @@ def score_records(lm: LoadedModel, kind: Kind, records: Sequence[EvalRecord], op
     """
     if kind == "counterfact" and (bad := next((r.request.id for r in records if not r.request.target_true), None)):
         raise ValueError(f"case {bad}: CounterFact scoring needs target_true")
-    per_case = [_pairs(kind, r) for r in records]
+    per_case = [case_pairs(kind, r) for r in records]
     flat = [p for pairs in per_case for p in pairs]
     scores = score_candidates(lm, flat, opts.batch_size)
     cases, pos = [], 0
