@@ -85,11 +85,13 @@ def _score_chunk(lm: LoadedModel, prompts: list[tuple[int, ...]], members: list[
         token_lp[i][0], hit[i][0] = v, h
     longer = [(b, i) for b, i in first if encoded[i].n_target > 1]
     kv = prefix_cache(cache, width)
-    if longer and all(k.shape[-2] == width for k, _ in kv):
-        for s in range(0, len(longer), batch_size):
-            _continue_candidates(lm, longer[s : s + batch_size], kv, mask, encoded, token_lp, hit)
-    elif longer:  # a sliding-window cache did not keep every prompt position: run these pairs whole
-        _score_whole(lm, [i for _, i in longer], encoded, token_lp, hit)
+    cached = all(k.shape[-2] == width for k, _ in kv)  # False: a sliding-window layer dropped positions
+    for s in range(0, len(longer), batch_size):
+        part = longer[s : s + batch_size]
+        if cached:
+            _continue_candidates(lm, part, kv, mask, encoded, token_lp, hit)
+        else:  # run these pairs whole
+            _score_whole(lm, [i for _, i in part], encoded, token_lp, hit)
 
 
 def _continue_candidates(lm: LoadedModel, pairs: list[tuple[int, int]], kv: list[tuple[torch.Tensor, torch.Tensor]],
