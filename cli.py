@@ -405,7 +405,9 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
     if is_mquake:
         if len(protocol.n) != 1:
             raise ValueError("MQuAKE takes one --n (instances); groups of --batch-size instances are edited together")
-        mquake.load(dataset)
+        rel, _, _ = mquake.load(dataset)
+        if note := mquake.stand_in(dataset, rel):
+            err.print(f"[yellow]note[/]: {note}", highlight=False)
     else:
         ds = datasets.load(dataset)
         datasets.select(ds.records, protocol.n[-1], sample_seed)  # fail early when too few records

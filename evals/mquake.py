@@ -13,8 +13,9 @@ measured with greedy decoding and the official prompt files (``mquake/prompts/``
 * **multi-hop CoT**: the same with the chain-of-thought prompt (``multihop-cot-prompts.txt``).
 
 The unedited model is scored on the original chains and answers. ``mquake`` is the canonical
-CF-3k-v2 (``neuraldb data fetch mquake``); ``mquake-akew`` (354 cases of CF-3k v1 carried by AKEW,
-in the shared data) and ``mquake-hard`` come from v1, whose instances can contradict each other's
+CF-3k-v2 when fetched (``neuraldb data fetch mquake``), else — with a notice — ``mquake-akew`` (354
+cases of CF-3k v1 carried by AKEW, in the shared data), as ``counterfact`` and ``zsre`` fall back to
+their shared subsets; ``mquake-hard`` also comes from v1. v1 instances can contradict each other's
 edits: a group holding such a pair is refused (:func:`conflicts`). An answer matches when, after
 stripping spaces and a final period and ignoring case, it equals the answer or an alias (cloze
 continuations: starts with it).
@@ -37,7 +38,7 @@ from neuraldb.files import sha256_file
 from neuraldb.models import LoadedModel
 
 SOURCES: dict[str, tuple[str, ...]] = {
-    "mquake": ("mquake/MQuAKE-CF-3k-v2.json",),
+    "mquake": ("mquake/MQuAKE-CF-3k-v2.json", "mquake/AKEW_MQuAKE-CF.json"),
     "mquake-akew": ("mquake/AKEW_MQuAKE-CF.json",),
     "mquake-hard": ("mquake/MQuAKE-hard.json",),
     "mquake-t": ("mquake/MQuAKE-T.json",),
@@ -98,8 +99,8 @@ def parse(rec: dict[str, Any]) -> Instance:
 
 
 def load(name: str, root: Path | None = None) -> tuple[str, str, list[Instance]]:
-    """(file, sha256, instances) of ``mquake`` (CF-3k-v2 when fetched, else the AKEW subset),
-    ``mquake-hard`` or ``mquake-t``."""
+    """(file, sha256, instances) of ``mquake`` (CF-3k-v2 when fetched, else the AKEW v1 subset: see
+    :func:`stand_in`), ``mquake-akew``, ``mquake-hard`` or ``mquake-t``."""
     if name not in SOURCES:
         raise ValueError(f"unknown MQuAKE set {name!r}; available: {', '.join(SOURCES)}")
     root = root or data_dir()
@@ -108,6 +109,15 @@ def load(name: str, root: Path | None = None) -> tuple[str, str, list[Instance]]
         raise DataNotFoundError(f"{' or '.join(SOURCES[name])} not found under {root} (set NEURALDB_DATA)")
     raw = json.loads((root / rel).read_text(encoding="utf-8"))
     return rel, sha256_file(root / rel), [parse(r) for r in raw]
+
+
+def stand_in(name: str, rel: str) -> str | None:
+    """A one-line notice when ``name`` was loaded from a fallback file ``rel`` instead of its canonical one."""
+    canonical = SOURCES[name][0]
+    if rel == canonical:
+        return None
+    return (f"{name}: {canonical} is not under $NEURALDB_DATA (neuraldb data fetch {name}); "
+            f"using {rel}, which comes from MQuAKE v1")
 
 
 @dataclass(frozen=True)

@@ -174,3 +174,15 @@ def test_data_list_and_fetch_errors(monkeypatch, tmp_path):
     r = run("data", "fetch", "counterfact")
     assert r.exit_code == 1 and "cannot download" in r.output
     assert not (tmp_path / "counterfact" / "counterfact.json").exists()
+
+
+def test_eval_mquake_reports_the_four_accuracies(smollm2, tmp_path):
+    out = tmp_path / "mq.json"
+    r = run("eval", "--dataset", "mquake", "--n", "1", "--batch-size", "1", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "MQuAKE-CF-3k-v2" in r.output, "the v1 stand-in is announced"
+    saved = json.loads(out.read_text())
+    assert saved["dataset"]["files"][0]["path"] == "mquake/AKEW_MQuAKE-CF.json"
+    point = saved["editors"]["neuraldb"]["points"]["1"]
+    assert set(point) >= {"edit_wise", "instance_wise", "multihop", "multihop_cot"}
+    assert point["edit_wise"] == 100.0, "the edited fact's cloze statement gives the new object"

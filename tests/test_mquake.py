@@ -21,8 +21,9 @@ def test_loader_keeps_each_rewrite_as_its_own_edit():
     assert [h.edited for h in first.new_hops] == [True, False] and not any(h.edited for h in first.hops)
     assert first.new_answers[0] == "Kolinda Grabar-Kitarović" and len(first.questions) == 3
     assert sum(len(i.edits) for i in instances) == 277 + 2 * 72 + 3 * 5
-    with pytest.raises(FileNotFoundError, match="MQuAKE-CF-3k-v2"):
-        mquake.load("mquake")  # canonical v2 only when fetched, never a silent v1 stand-in
+    rel, _, stand_in = mquake.load("mquake")  # canonical v2 only when fetched, else the v1 subset, not silently
+    assert rel == "mquake/AKEW_MQuAKE-CF.json" and len(stand_in) == 354
+    assert "MQuAKE-CF-3k-v2" in mquake.stand_in("mquake", rel) and mquake.stand_in("mquake-akew", rel) is None
     _, _, hard = mquake.load("mquake-hard")
     assert len(hard) == 429 and all(len(i.edits) == 4 for i in hard)
     with pytest.raises(ValueError, match="unknown MQuAKE set"):
