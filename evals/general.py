@@ -114,12 +114,14 @@ def _left_as_found(model: torch.nn.Module) -> Iterator[None]:
 
 @contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval's tqdm bars, ``print``s ("bootstrapping for stddev") and per-task notices are held back: they
-    would interleave with neuraldb's own progress and tables. If the harness fails, what it wrote is shown."""
-    logger = logging.getLogger("lm_eval")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """lm-eval's tqdm bars, ``print``s ("bootstrapping for stddev") and log records (per-task notices) are
+    held back: they would interleave with neuraldb's own progress and tables. If the harness fails, what it
+    wrote is shown."""
     held = io.StringIO()
+    logger, handler = logging.getLogger("lm_eval"), logging.StreamHandler(held)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
     try:
         with redirect_stdout(held), redirect_stderr(held):
             yield
@@ -127,7 +129,8 @@ def _quiet_lm_eval() -> Iterator[None]:
         sys.stderr.write(held.getvalue())
         raise
     finally:
-        logger.setLevel(level)
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _evaluate(lm: LoadedModel, tasks: list[str], limit: int | None, batch_size: int, seed: int,

@@ -152,13 +152,21 @@ def _ids_containing(tok: object, text: str) -> frozenset[int]:
     return frozenset(i for i in range(vocab) if text in tok.decode([i]))  # type: ignore[attr-defined]
 
 
+def _within_window(lm: LoadedModel, span: int) -> bool:
+    """True when ``span`` cache positions fit a sliding-window layer. Rows are padded after the shared prefix,
+    and a sliding window counts cache positions, not position ids: a padded row's prefix would look farther
+    away than it is, so a prefix is shared only when nothing can leave the window."""
+    window = getattr(lm.model.config, "sliding_window", None)
+    return window is None or span <= window
+
+
 def greedy_continuations(lm: LoadedModel, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
                          batch_size: int = 32, share: int = 32) -> list[str]:
     """Greedy continuation of each prompt (new text only), cut before ``stop`` when it occurs;
     decoding ends once every row has produced ``stop`` or ``max_new_tokens`` tokens.
 
     Prompts sharing at least ``share`` leading tokens (:func:`shared_groups`) run that prefix once
-    (``share=0``: never)."""
+    (``share=0``: never; models with a sliding window: only when the batch fits in it)."""
     encoded = _encode(lm, prompts)
     groups = shared_groups(encoded, share) if share else [(0, list(range(len(prompts))))]
     stop_ids = _ids_containing(lm.tokenizer, stop) if stop else frozenset()
@@ -166,7 +174,9 @@ def greedy_continuations(lm: LoadedModel, prompts: list[str], max_new_tokens: in
     for n, members in groups:
         prefix = _prefix(lm, tuple(encoded[members[0]][:n])) if n else None
         for idx in _by_length(encoded, members, batch_size):
-            new = _continue(lm, [encoded[i] for i in idx], [max_new_tokens] * len(idx), 1, stop_ids, prefix)
+            span = max(len(encoded[i]) for i in idx) + max_new_tokens  # padding included
+            use = prefix if prefix and _within_window(lm, span) else None
+            new = _continue(lm, [encoded[i] for i in idx], [max_new_tokens] * len(idx), 1, stop_ids, use)
             for i, toks in zip(idx, new):
                 text = lm.tokenizer.decode(toks, skip_special_tokens=True)
                 out[i] = text.split(stop)[0] if stop else text

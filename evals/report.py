@@ -144,7 +144,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
-COMPARABLE = [("model", "model", "fingerprint"), ("dataset", "dataset", "name"),
+COMPARABLE = [("model", "model", "fingerprint"), ("dataset", "dataset", "name"), ("data files", "dataset", "files"),
               ("records", "dataset", "records_sha256"), ("protocol", "protocol", "n"),
               ("batch size", "protocol", "batch_size"), ("protocol", "protocol", "sequential")]
 GATED = ("efficacy", "generalization", "specificity", "fluency", "consistency",

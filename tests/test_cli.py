@@ -176,7 +176,10 @@ def test_data_list_and_fetch_errors(monkeypatch, tmp_path):
     assert not (tmp_path / "counterfact" / "counterfact.json").exists()
 
 
-def test_eval_mquake_reports_the_four_accuracies(smollm2, tmp_path):
+def test_eval_mquake_reports_the_four_accuracies(smollm2, tmp_path, monkeypatch):
+    from tests.test_mquake import _without_v2
+
+    monkeypatch.setenv("NEURALDB_DATA", str(_without_v2(tmp_path / "data")))
     out = tmp_path / "mq.json"
     r = run("eval", "--dataset", "mquake", "--n", "1", "--batch-size", "1", "--out", out)
     assert r.exit_code == 0, r.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import random
 
@@ -103,8 +104,12 @@ def test_harness_output_is_held_back(capsys) -> None:
     assert out == "" and err == "", (out, err)
     with pytest.raises(RuntimeError), general._quiet_lm_eval():
         print("Running loglikelihood requests")
+        logging.getLogger("lm_eval.api.task").warning("metric acc is defined, but aggregation is not")
         raise RuntimeError("harness failed")
-    assert "Running loglikelihood requests" in capsys.readouterr().err, "a failing harness shows what it wrote"
+    shown = capsys.readouterr().err
+    assert "Running loglikelihood requests" in shown and "aggregation is not" in shown, \
+        "a failing harness shows what it printed and logged"
+    assert logging.getLogger("lm_eval").propagate and not logging.getLogger("lm_eval").handlers
 
 
 def test_resolve() -> None:

@@ -3,6 +3,8 @@ scoring run on a tiny model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from evals import mquake
@@ -12,7 +14,16 @@ needs_data = pytest.mark.skipif(not (DATA / "mquake").is_dir(), reason="shared d
 
 
 @needs_data
-def test_loader_keeps_each_rewrite_as_its_own_edit():
+def _without_v2(root: Path) -> Path:
+    """A data folder holding the shared MQuAKE files but not the canonical CF-3k-v2."""
+    (root / "mquake").mkdir(parents=True)
+    for f in (DATA / "mquake").iterdir():
+        if f.name != "MQuAKE-CF-3k-v2.json":
+            (root / "mquake" / f.name).symlink_to(f)
+    return root
+
+
+def test_loader_keeps_each_rewrite_as_its_own_edit(tmp_path):
     rel, sha, instances = mquake.load("mquake-akew")
     assert rel == "mquake/AKEW_MQuAKE-CF.json" and sha.startswith("8469d4a0") and len(instances) == 354
     first = instances[0]
@@ -21,8 +32,8 @@ def test_loader_keeps_each_rewrite_as_its_own_edit():
     assert [h.edited for h in first.new_hops] == [True, False] and not any(h.edited for h in first.hops)
     assert first.new_answers[0] == "Kolinda Grabar-Kitarović" and len(first.questions) == 3
     assert sum(len(i.edits) for i in instances) == 277 + 2 * 72 + 3 * 5
-    rel, _, stand_in = mquake.load("mquake")  # canonical v2 only when fetched, else the v1 subset, not silently
-    assert rel == "mquake/AKEW_MQuAKE-CF.json" and len(stand_in) == 354
+    rel, _, _ = mquake.load("mquake", root=_without_v2(tmp_path))  # v2 when fetched, else v1 with a notice
+    assert rel == "mquake/AKEW_MQuAKE-CF.json"
     assert "MQuAKE-CF-3k-v2" in mquake.stand_in("mquake", rel) and mquake.stand_in("mquake-akew", rel) is None
     _, _, hard = mquake.load("mquake-hard")
     assert len(hard) == 429 and all(len(i.edits) == 4 for i in hard)
