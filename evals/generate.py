@@ -128,12 +128,12 @@ def shared_groups(encoded: list[list[int]], share: int) -> list[tuple[int, list[
     return groups + ([(0, alone)] if alone else [])
 
 
-def sample_texts(lm: LoadedModel, prompts: list[str], max_length: int = 100, top_k: int = 5, seed: int = 0,
-                 batch_size: int = 64) -> list[str]:
-    """One sampled text per prompt of at most ``max_length`` tokens in total, prompt included,
-    never stopping at end-of-text (decoded, blank lines joined), in order."""
+def sample_ids(lm: LoadedModel, prompts: list[str], max_length: int = 100, top_k: int = 5, seed: int = 0,
+               batch_size: int = 64) -> list[tuple[list[int], list[int]]]:
+    """Per prompt, its token ids and the top-k sampled ids after them, at most ``max_length`` tokens in
+    total, never stopping at end-of-text; in order."""
     encoded, batches = _batches(lm, prompts, batch_size)
-    texts = [""] * len(prompts)
+    out: list[tuple[list[int], list[int]]] = [([], [])] * len(prompts)
     devices = [lm.device] if lm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -142,8 +142,19 @@ def sample_texts(lm: LoadedModel, prompts: list[str], max_length: int = 100, top
             budget = [max(0, max_length - len(r)) for r in rows]
             new = _continue(lm, rows, budget, top_k) if max(budget) else [[] for _ in rows]
             for i, row, extra in zip(idx, rows, new):
-                texts[i] = lm.tokenizer.decode(row + extra, skip_special_tokens=True).replace("\n\n", " ")
-    return texts
+                out[i] = (row, extra)
+    return out
+
+
+def sample_text(lm: LoadedModel, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """A sample as fluency reads it: prompt included, special tokens dropped, blank lines joined."""
+    return lm.tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True).replace("\n\n", " ")
+
+
+def sample_texts(lm: LoadedModel, prompts: list[str], max_length: int = 100, top_k: int = 5, seed: int = 0,
+                 batch_size: int = 64) -> list[str]:
+    """:func:`sample_ids` as texts (:func:`sample_text`)."""
+    return [sample_text(lm, row, extra) for row, extra in sample_ids(lm, prompts, max_length, top_k, seed, batch_size)]
 
 
 @lru_cache(maxsize=8)
