@@ -71,7 +71,9 @@ def markdown(result: dict[str, Any]) -> str:
     header, body = rows(result)
     lines = [f"# {title(result)}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
-    lines += ["", "Metrics ×100 (fluency: weighted 2-/3-gram entropy ×100); n/a = not available for this data.", "",
+    units = ("MQuAKE accuracies ×100 (instances; edit-wise over rewrites)" if result["dataset"]["kind"] == "mquake"
+             else "Metrics ×100 (fluency: weighted 2-/3-gram entropy ×100)")
+    lines += ["", f"{units}; n/a = not available for this data.", "",
               "| method | edit time (s) | evaluation time (s) |", "|---|---:|---:|"]
     lines += [f"| {m} | {e:.0f} | {v:.0f} |" for m, e, v in timings(result)]
     lines += _general_markdown(result)
@@ -82,7 +84,8 @@ def markdown(result: dict[str, Any]) -> str:
               f"* dataset: {d['name']} — " + ", ".join(f"`{f['path']}` sha256 `{f['sha256'][:16]}…`"
                                                        for f in d["files"]),
               f"* records: {which} {d['selected']} (ids sha256 `{d['records_sha256'][:16]}…`)",
-              f"* edits: {', '.join(map(str, p['n']))}; batch size {p['batch_size']}; evaluation {p['evaluation']}",
+              f"* {'instances' if d['kind'] == 'mquake' else 'edits'}: {', '.join(map(str, p['n']))}; "
+              f"batch size {p['batch_size']}; evaluation {p['evaluation']}",
               f"* evaluation options: {result['evaluation']}",
               f"* versions: {result['versions']}"]
     for name, entry in result["editors"].items():
