@@ -373,15 +373,17 @@ def _ns(text: str) -> tuple[int, ...]:
 def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_size: int, sequential: bool,
                     sample_seed: int | None, generation_every: int, seed: int, hparam: list[str], out: Path | None,
                     resume: bool, check: Path | None, tolerance: float, device: str, dtype: str,
-                    general: str | None = None, limit: int | None = None) -> None:
-    """Shared body of ``eval`` and ``compare``."""
+                    general: str | None = None, limit: int | None = None, mquake_set: str | None = None,
+                    mquake_n: int = 100, mquake_group: int = 1) -> None:
+    """Shared body of ``eval`` and ``compare``; ``mquake_set``: MQuAKE after the main benchmark, same editors,
+    saved inside the main result (``"mquake"``) and its report."""
     import json
 
     from evals import datasets, mquake, report, runner
     from evals.evaluate import EvalOptions
     from evals.protocol import Protocol
     from neuraldb.editor import get_editor
-    from neuraldb.files import write_text
+    from neuraldb.files import write_json, write_text
 
     for name in editors:
         get_editor(name)
@@ -402,6 +404,16 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
         checks = runner.General(tuple(resolve(general)), limit)
         if is_mquake:
             raise ValueError("--general runs with the CounterFact / ZsRE protocols, not with MQuAKE's restored groups")
+    if mquake_set is not None:
+        if is_mquake:
+            raise ValueError("--mquake adds MQuAKE to a CounterFact / ZsRE run; for MQuAKE alone use --dataset")
+        if mquake_set not in mquake.SOURCES:
+            raise ValueError(f"--mquake: unknown MQuAKE set {mquake_set!r}; available: {', '.join(mquake.SOURCES)}")
+        rel, _, found = mquake.load(mquake_set)
+        if mquake_n > len(found):
+            raise ValueError(f"--mquake-n {mquake_n}: {mquake_set} has {len(found)} instances")
+        if note := mquake.stand_in(mquake_set, rel):
+            err.print(f"[yellow]note[/]: {note}", highlight=False)
     if is_mquake:
         if len(protocol.n) != 1:
             raise ValueError("MQuAKE takes one --n (instances); groups of --batch-size instances are edited together")
@@ -417,12 +429,15 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
     with _progress() as bar:
         bars: dict[str, Any] = {}
 
-        def started(what: str) -> None:
-            bars.clear()
-            doing = "scoring" if what == "unedited model" else "editing and scoring"
-            unit = "instances" if is_mquake else "records"
-            then = f", then lm-eval on {', '.join(checks.tasks)} (output held back)" if checks else ""
-            err.print(f"[bold]{what}[/]: {doing} {protocol.n[-1]} {unit} of {dataset}{then}", highlight=False)
+        def announcer(count: int, unit: str, name: str, then: str = "") -> Callable[[str], None]:
+            def started(what: str) -> None:
+                bars.clear()
+                doing = "scoring" if what == "unedited model" else "editing and scoring"
+                err.print(f"[bold]{what}[/]: {doing} {count} {unit} of {name}{then}", highlight=False)
+            return started
+
+        then = f", then lm-eval on {', '.join(checks.tasks)} (output held back)" if checks else ""
+        started = announcer(protocol.n[-1], "instances" if is_mquake else "records", dataset, then)
 
         def advance(stage: str, done: int, total: int) -> None:
             if stage not in bars:
@@ -434,15 +449,24 @@ def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_
                                        advance, started)
         else:
             result = runner.run(lm, ds, chosen, protocol, opts, out, resume, advance, _prepare_quiet, started, checks)
+        if mquake_set is not None:
+            result["mquake"] = runner.run_mquake(
+                lm, mquake_set, runner.editor_hparams(lm, editors, hparam, mquake_group), mquake_n, mquake_group,
+                runner.mquake_path(out), sample_seed, resume, advance, announcer(mquake_n, "instances", mquake_set))
+            write_json(out, result)
     console.print(report.rich_table(result))
+    if "mquake" in result:
+        console.print(report.rich_table(result["mquake"]))
     if checks is not None:
         from evals.general import results_table
 
         runs = {"Pre-edited": result["pre"]["general"]} | {
             report.NAMES.get(k, k): v["general"] for k, v in result["editors"].items()}
         console.print(results_table(runs, f"General abilities (lm-eval, limit {limit}) after {protocol.n[-1]} edits"))
-    for method, edit_s, eval_s in report.timings(result):
-        console.print(f"{method}: editing {edit_s:.0f} s, evaluation {eval_s:.0f} s", highlight=False)
+    for part in (result, result.get("mquake")):
+        for method, edit_s, eval_s in report.timings(part) if part else ():
+            console.print(f"{method}: editing {edit_s:.0f} s, evaluation {eval_s:.0f} s"
+                          + (" (MQuAKE)" if part is not result else ""), highlight=False)
     md = out.with_suffix(".md")
     write_text(md, report.markdown(result))
     png = out.with_suffix(".png")
@@ -461,6 +485,8 @@ def _prepare_quiet(editor: Any) -> None:
     _prepare(editor)
 
 
+_MQ_HELP = ("Also run MQuAKE (mquake, mquake-akew, mquake-hard) with the same editors; its table joins the "
+            "result JSON and report.")
 _N_HELP = "Numbers of edits to evaluate at, e.g. 1000 or 100,500,1000 (the first N records each)."
 
 
@@ -489,10 +515,13 @@ def eval_cmd(
     general: str | None = typer.Option(None, help="lm-eval general-ability tasks before and after editing: glue6, "
                                                    "paper6 or TASK,TASK (cola, mmlu, lambada_openai, …)."),
     limit: int | None = typer.Option(None, help="--general: first N documents of each task (each MMLU subject)."),
+    mquake_set: str | None = typer.Option(None, "--mquake", help=_MQ_HELP),
+    mquake_n: int = typer.Option(100, help="--mquake: instances (the first N)."),
+    mquake_group: int = typer.Option(1, help="--mquake: instances edited together, then restored."),
 ) -> None:
     """Edit N benchmark records with one editor and print pre- and post-edit metrics."""
     _run_comparison([editor], model, dataset, n, batch_size, sequential, sample_seed, generation_every, seed, hparam,
-                    out, resume, check, tolerance, device, dtype, general, limit)
+                    out, resume, check, tolerance, device, dtype, general, limit, mquake_set, mquake_n, mquake_group)
 
 
 @app.command()
@@ -519,13 +548,16 @@ def compare(
     general: str | None = typer.Option(None, help="lm-eval tasks before and after each editor: glue6, paper6 or "
                                                    "TASK,TASK."),
     limit: int | None = typer.Option(None, help="--general: first N documents of each task."),
+    mquake_set: str | None = typer.Option(None, "--mquake", help=_MQ_HELP),
+    mquake_n: int = typer.Option(100, help="--mquake: instances (the first N)."),
+    mquake_group: int = typer.Option(1, help="--mquake: instances edited together, then restored."),
 ) -> None:
     """Run several editors on the same records in one process and print one table (paper layout)."""
     names = [e.strip() for e in editors.split(",") if e.strip()]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"--editors must name distinct editors, got {editors!r}")
     _run_comparison(names, model, dataset, n, batch_size, sequential, sample_seed, generation_every, seed, hparam,
-                    out, resume, check, tolerance, device, dtype, general, limit)
+                    out, resume, check, tolerance, device, dtype, general, limit, mquake_set, mquake_n, mquake_group)
 
 
 @data_app.command("list")

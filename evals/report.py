@@ -90,6 +90,9 @@ def markdown(result: dict[str, Any]) -> str:
               f"* versions: {result['versions']}"]
     for name, entry in result["editors"].items():
         lines.append(f"* {name} hyperparameters: `{entry['hparams']}`")
+    if "mquake" in result:  # its report, one heading level down
+        sub = markdown(result["mquake"]).splitlines()
+        lines += [""] + [("#" + line) if line.startswith("#") else line for line in sub]
     return "\n".join(lines) + "\n"
 
 
@@ -180,4 +183,6 @@ def check(result: dict[str, Any], baseline: dict[str, Any], tolerance: float) ->
                     failures.append(f"{name}@{n} {key}: unavailable (baseline {want:.1f})")
                 elif have < want - tolerance:
                     failures.append(f"{name}@{n} {key}: {have:.1f} < baseline {want:.1f} − {tolerance:g}")
+    if "mquake" in baseline:
+        failures += [f"MQuAKE: {f}" for f in check(result.get("mquake") or {}, baseline["mquake"], tolerance)]
     return failures

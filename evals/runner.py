@@ -105,6 +105,11 @@ def _reuse(saved: dict[str, Any], out: Path, editors: dict[str, tuple[type[Edito
     return saved.get("pre"), kept, {k: v for k, v in cases.items() if k == "pre" or k in kept}
 
 
+def mquake_path(out: Path) -> Path:
+    """Where ``--mquake`` keeps its own resumable result beside the main one."""
+    return out.with_name(out.name.removesuffix(".json") + ".mquake.json")
+
+
 def cases_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".json") + ".cases.json")
 

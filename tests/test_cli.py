@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cli import app
 from neuraldb.neuraldb_editor import NeuralDBEditor
 from neuraldb.store import FactStore
+from tests.conftest import DATA
 
 runner = CliRunner()
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -189,3 +190,23 @@ def test_eval_mquake_reports_the_four_accuracies(smollm2, tmp_path, monkeypatch)
     point = saved["editors"]["neuraldb"]["points"]["1"]
     assert set(point) >= {"edit_wise", "instance_wise", "multihop", "multihop_cot"}
     assert point["edit_wise"] == 100.0, "the edited fact's cloze statement gives the new object"
+
+
+def test_compare_with_mquake_gives_one_report(smollm2, tmp_path, monkeypatch):
+    from tests.test_mquake import _without_v2
+
+    data = _without_v2(tmp_path / "data")
+    (data / "counterfact").symlink_to(DATA / "counterfact")
+    monkeypatch.setenv("NEURALDB_DATA", str(data))
+    out = tmp_path / "all.json"
+    r = run("eval", "--n", "2", "--batch-size", "2", "--generation-every", "0", "--mquake", "mquake",
+            "--mquake-n", "1", "--out", out)
+    assert r.exit_code == 0, r.output
+    saved = json.loads(out.read_text())
+    assert saved["editors"]["neuraldb"]["points"]["2"]["efficacy"] == 100.0
+    point = saved["mquake"]["editors"]["neuraldb"]["points"]["1"]
+    assert set(point) >= {"edit_wise", "instance_wise", "multihop", "multihop_cot"}
+    assert "## mquake on smollm2-135m" in out.with_suffix(".md").read_text()
+    assert "Edit-wise" in r.output and "Efficacy" in r.output
+    r = run("eval", "--dataset", "mquake", "--mquake", "mquake-hard", "--out", tmp_path / "x.json")
+    assert r.exit_code == 1 and "--mquake adds MQuAKE to a CounterFact / ZsRE run" in r.output

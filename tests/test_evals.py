@@ -169,6 +169,12 @@ def test_check_names_each_metric_that_fell():
     assert report.check(_result(), base, 2) == ["memit: not in the result"]
     other = base | {"dataset": {"name": "zsre", "records_sha256": "x"}}
     assert report.check(same, other, 2)[0].startswith("baseline differs in dataset")
+    # MQuAKE run with --mquake is checked inside the same result
+    with_mq = base | {"mquake": _result(memit={"edit_wise": 80.0, "multihop": 10.0})}
+    assert report.check(same | {"mquake": _result(memit={"edit_wise": 79.0, "multihop": 10.0})}, with_mq, 2) == []
+    assert report.check(same | {"mquake": _result(memit={"edit_wise": 60.0, "multihop": 10.0})}, with_mq, 2) == [
+        "MQuAKE: memit@50 edit_wise: 60.0 < baseline 80.0 − 2"]
+    assert report.check(same, with_mq, 2) == ["MQuAKE: memit: not in the result"]
 
 
 def test_fluency_entropy_matches_hand_count():
