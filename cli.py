@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,6 +21,11 @@ data_app = typer.Typer(no_args_is_help=True, help="The local data folder ($NEURA
 app.add_typer(data_app, name="data")
 console = Console()
 err = Console(stderr=True)
+
+# Options several commands share.
+ModelOpt = Annotated[str, typer.Option(help="Model name, local folder or .gguf file.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (accelerate device_map).")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16 (CUDA).")]
 
 
 def _quiet_transformers() -> None:
@@ -107,7 +112,7 @@ def _prepare(editor: Any) -> None:
 def edit(
     facts: Path = typer.Argument(..., help="JSONL / JSON / CSV fact file (plain, CounterFact, MEND or ZsRE records)."),
     out: Path = typer.Option(..., "--out", "-o", help="Store folder to write."),
-    model: str = typer.Option("smollm2-135m", help="Model name, local folder or .gguf file."),
+    model: ModelOpt = "smollm2-135m",
     editor: str = typer.Option("neuraldb", help="Editing method."),
     limit: int | None = typer.Option(None, help="Use only the first N facts of the file."),
     layer: int | None = typer.Option(None, help="NeuralDB's edit layer (default: the model's preset)."),
@@ -118,10 +123,11 @@ def edit(
     steps: int | None = typer.Option(None, help="Optimisation steps per fact."),
     lr: float | None = typer.Option(None, help="Learning rate of the residual optimisation."),
     seed: int | None = typer.Option(None, help="Seed of the context templates."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (accelerate device_map)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (CUDA)."),
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     report: Path | None = typer.Option(None, help="Where to save the JSON report (default: OUT.report.json)."),
-    hparam: list[str] = typer.Option([], "--hparam", "-H", help="Any hyperparameter as KEY=VALUE (repeatable)."),
+    hparam: list[str] = typer.Option([], "--hparam", "-H", metavar="KEY=VALUE",
+                                      help="Any hyperparameter as KEY=VALUE (repeatable)."),
 ) -> None:
     """Write facts into a model and report how many were rewritten and what stayed unchanged.
 
@@ -193,8 +199,8 @@ def ask(
     edits: Path = typer.Option(..., "--edits", "--store", "-s",
                                help="Edit artifact: a NeuralDB store or MEMIT / AlphaEdit weight edits."),
     max_new_tokens: int = typer.Option(12, help="Tokens to generate."),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Complete PROMPT with the base and the edited model side by side (and, for NeuralDB, show
     which facts fired)."""
@@ -312,8 +318,8 @@ def facts_add(
     store: Path = typer.Argument(..., help="Store folder."),
     facts: Path = typer.Argument(..., help="Fact file."),
     replace: bool = typer.Option(False, help="Replace facts whose id is already stored."),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Compute and add facts to an existing store, with the store's model and hyperparameters."""
     from neuraldb.facts import load_facts
@@ -333,13 +339,13 @@ def facts_add(
 @app.command()
 @fails_cleanly
 def stats(
-    model: str = typer.Option("smollm2-135m", help="Model name, local folder or .gguf file."),
+    model: ModelOpt = "smollm2-135m",
     layers: str = typer.Option(..., help="Layers, e.g. 3,4,5,6,7 (all computed in one pass)."),
     corpus: str = typer.Option("wikitext", help="Local corpus under $NEURALDB_DATA: wikitext or lambada."),
     tokens: int = typer.Option(300_000, help="Tokens the statistics cover."),
     max_length: int = typer.Option(256, help="Tokens per window."),
     dtype: str = typer.Option("float32", "--stats-dtype", help="Accumulation dtype: float32 or float64."),
-    device: str = typer.Option("cpu"),
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Compute (or find cached) the second moments E[k kᵀ] MEMIT and AlphaEdit need."""
     from baselines.covariance import StatsConfig, corpus_windows, second_moments, stats_path, windows_sha
@@ -370,11 +376,11 @@ def _ns(text: str) -> tuple[int, ...]:
         raise ValueError(f"--n must be comma-separated numbers of edits, got {text!r}") from None
 
 
-def _run_comparison(editors: list[str], model: str, dataset: str, n: str, batch_size: int, sequential: bool,
+def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, batch_size: int, sequential: bool,
                     sample_seed: int | None, generation_every: int, seed: int, hparam: list[str], out: Path | None,
                     resume: bool, check: Path | None, tolerance: float, device: str, dtype: str,
-                    general: str | None = None, limit: int | None = None, mquake_set: str | None = None,
-                    mquake_n: int = 100, mquake_group: int = 1) -> None:
+                    general: str | None, limit: int | None, mquake_set: str | None, mquake_n: int,
+                    mquake_group: int) -> None:
     """Shared body of ``eval`` and ``compare``; ``mquake_set``: MQuAKE after the main benchmark, same editors,
     saved inside the main result (``"mquake"``) and its report."""
     import json
@@ -487,77 +493,96 @@ def _prepare_quiet(editor: Any) -> None:
 
 _MQ_HELP = ("Also run MQuAKE (mquake, mquake-akew, mquake-hard) with the same editors; its table joins the "
             "result JSON and report.")
-_N_HELP = "Numbers of edits to evaluate at, e.g. 1000 or 100,500,1000 (the first N records each)."
+
+# Options `eval` and `compare` share: declared once, used by both signatures.
+DatasetOpt = Annotated[str, typer.Option(help="counterfact, mcf, counterfact-mend, zsre, knowedit-cf, mquake, "
+                                              "mquake-hard, … (`neuraldb data list`).")]
+NOpt = Annotated[str, typer.Option(help="Numbers of edits to evaluate at, e.g. 1000 or 100,500,1000 "
+                                        "(the first N records each).")]
+RunBatchOpt = Annotated[int, typer.Option(help="Facts per edit call (MEMIT / AlphaEdit: per closed-form batch).")]
+SequentialOpt = Annotated[bool, typer.Option(help="Keep all edits (evaluate after the first N); --no-sequential: "
+                                                  "restore after each batch (MEMIT's evaluate.py).")]
+SampleSeedOpt = Annotated[int | None, typer.Option(help="Evaluate a seeded random sample instead of the first N.")]
+GenerationEveryOpt = Annotated[int, typer.Option(help="Generate for fluency on every k-th case (0: never).")]
+GenSeedOpt = Annotated[int, typer.Option(help="Seed of the generation sampler.")]
+RunHparamOpt = Annotated[list[str], typer.Option(
+    "--hparam", "-H", metavar="[EDITOR:]KEY=VALUE",
+    help="Hyperparameter, e.g. memit:mom2_update_weight=5000; without EDITOR: for every editor (repeatable).")]
+RunOutOpt = Annotated[Path | None, typer.Option(help="Result JSON (default results/DATASET-MODEL-EDITORS-nN.json);"
+                                                     " a Markdown report and, for several N, a PNG go beside it.")]
+ResumeOpt = Annotated[bool, typer.Option(help="Reuse rows already in OUT from the same run.")]
+CheckOpt = Annotated[Path | None, typer.Option(help="Baseline result JSON: exit 1 naming each metric that fell "
+                                                    "more than --tolerance points below it.")]
+ToleranceOpt = Annotated[float, typer.Option(help="Points a metric may fall below --check's baseline.")]
+GeneralOpt = Annotated[str | None, typer.Option(help="lm-eval general-ability tasks before and after editing: "
+                                                     "glue6, paper6 or TASK,TASK (cola, mmlu, lambada_openai, …).")]
+LimitOpt = Annotated[int | None, typer.Option(help="--general: first N documents of each task (each MMLU subject).")]
+MquakeOpt = Annotated[str | None, typer.Option("--mquake", help=_MQ_HELP)]
+MquakeNOpt = Annotated[int, typer.Option(help="--mquake: instances (the first N).")]
+MquakeGroupOpt = Annotated[int, typer.Option(help="--mquake: instances edited together, then restored.")]
 
 
 @app.command("eval")
 @fails_cleanly
 def eval_cmd(
-    editor: str = typer.Option("neuraldb", help="Editing method."),
-    model: str = typer.Option("smollm2-135m", help="Model name, local folder or .gguf file."),
-    dataset: str = typer.Option("counterfact", help="counterfact, mcf, counterfact-mend, zsre, knowedit-cf, "
-                                                    "mquake, mquake-hard, … (`neuraldb data list`)."),
-    n: str = typer.Option("100", help=_N_HELP),
-    batch_size: int = typer.Option(100, help="Facts per edit call (MEMIT / AlphaEdit: per closed-form batch)."),
-    sequential: bool = typer.Option(True, help="Keep all edits (evaluate after the first N); --no-sequential: "
-                                               "restore after each batch (MEMIT's evaluate.py)."),
-    sample_seed: int | None = typer.Option(None, help="Evaluate a seeded random sample instead of the first N."),
-    generation_every: int = typer.Option(1, help="Generate for fluency on every k-th case (0: never)."),
-    seed: int = typer.Option(0, help="Seed of the generation sampler."),
-    hparam: list[str] = typer.Option([], "--hparam", "-H", help="Hyperparameter KEY=VALUE (repeatable)."),
-    out: Path | None = typer.Option(None, help="Result JSON (default results/DATASET-MODEL-EDITOR-nN.json)."),
-    resume: bool = typer.Option(False, help="Reuse rows already in OUT from the same run."),
-    check: Path | None = typer.Option(None, help="Baseline result JSON: exit 1 naming each metric that fell more "
-                                                 "than --tolerance points below it."),
-    tolerance: float = typer.Option(2.0, help="Points a metric may fall below --check's baseline."),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
-    general: str | None = typer.Option(None, help="lm-eval general-ability tasks before and after editing: glue6, "
-                                                   "paper6 or TASK,TASK (cola, mmlu, lambada_openai, …)."),
-    limit: int | None = typer.Option(None, help="--general: first N documents of each task (each MMLU subject)."),
-    mquake_set: str | None = typer.Option(None, "--mquake", help=_MQ_HELP),
-    mquake_n: int = typer.Option(100, help="--mquake: instances (the first N)."),
-    mquake_group: int = typer.Option(1, help="--mquake: instances edited together, then restored."),
+    editor: Annotated[str, typer.Option(help="Editing method.")] = "neuraldb",
+    model: ModelOpt = "smollm2-135m",
+    dataset: DatasetOpt = "counterfact",
+    n: NOpt = "100",
+    batch_size: RunBatchOpt = 100,
+    sequential: SequentialOpt = True,
+    sample_seed: SampleSeedOpt = None,
+    generation_every: GenerationEveryOpt = 1,
+    seed: GenSeedOpt = 0,
+    hparam: RunHparamOpt = [],  # noqa: B006 - typer copies the default
+    out: RunOutOpt = None,
+    resume: ResumeOpt = False,
+    check: CheckOpt = None,
+    tolerance: ToleranceOpt = 2.0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    general: GeneralOpt = None,
+    limit: LimitOpt = None,
+    mquake_set: MquakeOpt = None,
+    mquake_n: MquakeNOpt = 100,
+    mquake_group: MquakeGroupOpt = 1,
 ) -> None:
     """Edit N benchmark records with one editor and print pre- and post-edit metrics."""
-    _run_comparison([editor], model, dataset, n, batch_size, sequential, sample_seed, generation_every, seed, hparam,
-                    out, resume, check, tolerance, device, dtype, general, limit, mquake_set, mquake_n, mquake_group)
+    options = dict(locals())
+    _run_comparison([options.pop("editor")], **options)
 
 
 @app.command()
 @fails_cleanly
 def compare(
-    editors: str = typer.Option("neuraldb,memit,alphaedit", help="Comma-separated editing methods."),
-    model: str = typer.Option("smollm2-135m", help="Model name, local folder or .gguf file."),
-    dataset: str = typer.Option("counterfact", help="Benchmark (`neuraldb data list`)."),
-    n: str = typer.Option("100", help=_N_HELP),
-    batch_size: int = typer.Option(100, help="Facts per edit call (MEMIT / AlphaEdit: per closed-form batch)."),
-    sequential: bool = typer.Option(True, help="Keep all edits; --no-sequential: restore after each batch."),
-    sample_seed: int | None = typer.Option(None, help="Evaluate a seeded random sample instead of the first N."),
-    generation_every: int = typer.Option(1, help="Generate for fluency on every k-th case (0: never)."),
-    seed: int = typer.Option(0, help="Seed of the generation sampler."),
-    hparam: list[str] = typer.Option([], "--hparam", "-H", help="[EDITOR:]KEY=VALUE, e.g. memit:mom2_update_weight"
-                                                                "=5000 (repeatable)."),
-    out: Path | None = typer.Option(None, help="Result JSON (default results/DATASET-MODEL-EDITORS-nN.json); a "
-                                               "Markdown report and, for several N, a PNG go beside it."),
-    resume: bool = typer.Option(False, help="Reuse rows already in OUT from the same run."),
-    check: Path | None = typer.Option(None, help="Baseline result JSON: exit 1 on any metric regression."),
-    tolerance: float = typer.Option(2.0, help="Points a metric may fall below --check's baseline."),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
-    general: str | None = typer.Option(None, help="lm-eval tasks before and after each editor: glue6, paper6 or "
-                                                   "TASK,TASK."),
-    limit: int | None = typer.Option(None, help="--general: first N documents of each task."),
-    mquake_set: str | None = typer.Option(None, "--mquake", help=_MQ_HELP),
-    mquake_n: int = typer.Option(100, help="--mquake: instances (the first N)."),
-    mquake_group: int = typer.Option(1, help="--mquake: instances edited together, then restored."),
+    editors: Annotated[str, typer.Option(help="Comma-separated editing methods.")] = "neuraldb,memit,alphaedit",
+    model: ModelOpt = "smollm2-135m",
+    dataset: DatasetOpt = "counterfact",
+    n: NOpt = "100",
+    batch_size: RunBatchOpt = 100,
+    sequential: SequentialOpt = True,
+    sample_seed: SampleSeedOpt = None,
+    generation_every: GenerationEveryOpt = 1,
+    seed: GenSeedOpt = 0,
+    hparam: RunHparamOpt = [],  # noqa: B006 - typer copies the default
+    out: RunOutOpt = None,
+    resume: ResumeOpt = False,
+    check: CheckOpt = None,
+    tolerance: ToleranceOpt = 2.0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    general: GeneralOpt = None,
+    limit: LimitOpt = None,
+    mquake_set: MquakeOpt = None,
+    mquake_n: MquakeNOpt = 100,
+    mquake_group: MquakeGroupOpt = 1,
 ) -> None:
     """Run several editors on the same records in one process and print one table (paper layout)."""
-    names = [e.strip() for e in editors.split(",") if e.strip()]
+    options = dict(locals())
+    names = [e.strip() for e in options.pop("editors").split(",") if e.strip()]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"--editors must name distinct editors, got {editors!r}")
-    _run_comparison(names, model, dataset, n, batch_size, sequential, sample_seed, generation_every, seed, hparam,
-                    out, resume, check, tolerance, device, dtype, general, limit, mquake_set, mquake_n, mquake_group)
+    _run_comparison(names, **options)
 
 
 @data_app.command("list")
