@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -427,6 +428,8 @@ def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, bat
         if note := mquake.stand_in(dataset, rel):
             err.print(f"[yellow]note[/]: {note}", highlight=False)
     else:
+        if dataset not in datasets.SPECS:
+            raise ValueError(f"unknown dataset {dataset!r}; available: {', '.join([*datasets.SPECS, *mquake.SOURCES])}")
         ds = datasets.load(dataset)
         datasets.select(ds.records, protocol.n[-1], sample_seed)  # fail early when too few records
     lm = _load_model(model, device, dtype)
@@ -522,10 +525,7 @@ MquakeNOpt = Annotated[int, typer.Option(help="--mquake: instances (the first N)
 MquakeGroupOpt = Annotated[int, typer.Option(help="--mquake: instances edited together, then restored.")]
 
 
-@app.command("eval")
-@fails_cleanly
-def eval_cmd(
-    editor: Annotated[str, typer.Option(help="Editing method.")] = "neuraldb",
+def _run_options(
     model: ModelOpt = "smollm2-135m",
     dataset: DatasetOpt = "counterfact",
     n: NOpt = "100",
@@ -547,39 +547,33 @@ def eval_cmd(
     mquake_n: MquakeNOpt = 100,
     mquake_group: MquakeGroupOpt = 1,
 ) -> None:
+    """The options ``eval`` and ``compare`` share, declared once: a signature, never called."""
+
+
+def _with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command(first, **options)`` the signature ``(first, <_run_options' parameters>)`` typer reads."""
+    first = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+             if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    shared = inspect.signature(_run_options, eval_str=True)
+    command.__signature__ = shared.replace(parameters=[*first, *shared.parameters.values()])  # type: ignore[attr-defined]
+    return command
+
+
+@app.command("eval")
+@fails_cleanly
+@_with_run_options
+def eval_cmd(editor: Annotated[str, typer.Option(help="Editing method.")] = "neuraldb", **options: Any) -> None:
     """Edit N benchmark records with one editor and print pre- and post-edit metrics."""
-    options = dict(locals())
-    _run_comparison([options.pop("editor")], **options)
+    _run_comparison([editor], **options)
 
 
 @app.command()
 @fails_cleanly
-def compare(
-    editors: Annotated[str, typer.Option(help="Comma-separated editing methods.")] = "neuraldb,memit,alphaedit",
-    model: ModelOpt = "smollm2-135m",
-    dataset: DatasetOpt = "counterfact",
-    n: NOpt = "100",
-    batch_size: RunBatchOpt = 100,
-    sequential: SequentialOpt = True,
-    sample_seed: SampleSeedOpt = None,
-    generation_every: GenerationEveryOpt = 1,
-    seed: GenSeedOpt = 0,
-    hparam: RunHparamOpt = [],  # noqa: B006 - typer copies the default
-    out: RunOutOpt = None,
-    resume: ResumeOpt = False,
-    check: CheckOpt = None,
-    tolerance: ToleranceOpt = 2.0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    general: GeneralOpt = None,
-    limit: LimitOpt = None,
-    mquake_set: MquakeOpt = None,
-    mquake_n: MquakeNOpt = 100,
-    mquake_group: MquakeGroupOpt = 1,
-) -> None:
+@_with_run_options
+def compare(editors: Annotated[str, typer.Option(help="Comma-separated editing methods.")] = "neuraldb,memit,alphaedit",
+            **options: Any) -> None:
     """Run several editors on the same records in one process and print one table (paper layout)."""
-    options = dict(locals())
-    names = [e.strip() for e in options.pop("editors").split(",") if e.strip()]
+    names = [e.strip() for e in editors.split(",") if e.strip()]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"--editors must name distinct editors, got {editors!r}")
     _run_comparison(names, **options)

@@ -83,6 +83,9 @@ def test_facts_add_appends_with_the_store_settings(demo_store, tmp_path):
     (["ask", "hi", "--store", "no-store"], "no-store is not an edit artifact of any editor"),
     (["facts", "list", "no-store"], "no-store is not an edit artifact of any editor"),
     (["edit", "nope.jsonl", "--out", "x", "--editor", "rome"], "unknown editor 'rome'"),
+    (["eval", "--dataset", "nope"], "unknown dataset 'nope'; available: counterfact,"),
+    (["eval", "--n", "x"], "--n must be comma-separated numbers of edits, got 'x'"),
+    (["compare", "--editors", "memit,memit"], "--editors must name distinct editors"),
 ])
 def test_errors_are_one_line_and_exit_nonzero(args, message):
     r = run(*args)
