@@ -6,6 +6,7 @@ import functools
 import inspect
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -61,7 +62,50 @@ def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _progress() -> Progress:
+class LineProgress:
+    """Progress for a log (stderr is not a terminal, e.g. CI or ``nohup``), where a Rich bar would
+    show nothing until it ends: one plain line per task each time it passes another ``1/steps`` of
+    its total, and one when it completes. Same calls as :class:`rich.progress.Progress`."""
+
+    def __init__(self, console: Console, steps: int = 10) -> None:
+        self.console, self.steps = console, steps
+        self.tasks: list[dict[str, Any]] = []
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        self.tasks.append({"description": description, "total": total, "completed": 0.0, "shown": 0,
+                           "start": time.monotonic()})
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, completed=self.tasks[task]["completed"] + advance)
+
+    def update(self, task: int, completed: float | None = None, total: float | None = None) -> None:
+        t = self.tasks[task]
+        if total is not None:
+            t["total"] = total
+        if completed is not None:
+            t["completed"] = completed
+        if not t["total"]:
+            return
+        step = min(self.steps, int(self.steps * t["completed"] / t["total"]))
+        if step > t["shown"]:
+            t["shown"] = step
+            minutes, seconds = divmod(int(time.monotonic() - t["start"]), 60)
+            share = 100 * t["completed"] / t["total"]
+            self.console.print(f"{t['description']}: {t['completed']:g}/{t['total']:g} ({share:.0f} %) "
+                               f"{minutes}:{seconds:02d} elapsed", highlight=False)
+
+
+def _progress() -> Progress | LineProgress:
+    """A Rich bar on a terminal; plain lines at every tenth in a log."""
+    if not err.is_terminal:
+        return LineProgress(err)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=False)
 

@@ -213,3 +213,24 @@ def test_compare_with_mquake_gives_one_report(smollm2, tmp_path, monkeypatch):
     assert "Edit-wise" in r.output and "Efficacy" in r.output
     r = run("eval", "--dataset", "mquake", "--mquake", "mquake-hard", "--out", tmp_path / "x.json")
     assert r.exit_code == 1 and "--mquake adds MQuAKE to a CounterFact / ZsRE run" in r.output
+
+
+def test_progress_in_a_log_prints_a_line_at_each_tenth():
+    import io
+
+    from rich.console import Console
+
+    from cli import LineProgress
+
+    buf = io.StringIO()
+    with LineProgress(Console(file=buf, width=200)) as bar:
+        edits = bar.add_task("edits", total=1000)
+        for _ in range(10):
+            bar.advance(edits, 100)
+        gen = bar.add_task("generation")  # total unknown: nothing to report yet
+        bar.update(gen, completed=3)
+        bar.update(gen, completed=4, total=4)
+    lines = buf.getvalue().splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == [f"edits: {k}/1000" for k in range(100, 1001, 100)] + [
+        "generation: 4/4"]
+    assert lines[-1].startswith("generation: 4/4 (100 %) 0:00 elapsed")
