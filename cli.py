@@ -423,7 +423,7 @@ def _ns(text: str) -> tuple[int, ...]:
 
 def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, batch_size: int, sequential: bool,
                     sample_seed: int | None, generation_every: int, seed: int, hparam: list[str], out: Path | None,
-                    resume: bool, check: Path | None, tolerance: float, device: str, dtype: str,
+                    resume: bool, rows_from: list[Path], check: Path | None, tolerance: float, device: str, dtype: str,
                     general: str | None, limit: int | None, mquake_set: str | None, mquake_n: int,
                     mquake_group: int) -> None:
     """Shared body of ``eval`` and ``compare``; ``mquake_set``: MQuAKE after the main benchmark, same editors,
@@ -444,6 +444,8 @@ def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, bat
     opts.validate()
     if check is not None and not check.is_file():
         raise ValueError(f"--check {check}: no such file")
+    if absent := [str(p) for p in rows_from if not p.is_file()]:
+        raise ValueError(f"--rows-from {', '.join(absent)}: no such file")
     baseline = json.loads(check.read_text(encoding="utf-8")) if check else None
     if check and not isinstance(baseline, dict):
         raise ValueError(f"{check}: not a neuraldb result file")
@@ -499,9 +501,10 @@ def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, bat
 
         if is_mquake:
             result = runner.run_mquake(lm, dataset, chosen, protocol.n[0], batch_size, out, sample_seed, resume,
-                                       advance, started)
+                                       advance, started, rows_from)
         else:
-            result = runner.run(lm, ds, chosen, protocol, opts, out, resume, advance, _prepare_quiet, started, checks)
+            result = runner.run(lm, ds, chosen, protocol, opts, out, resume, advance, _prepare_quiet, started, checks,
+                                rows_from)
         if mquake_set is not None:
             result["mquake"] = runner.run_mquake(
                 lm, mquake_set, runner.editor_hparams(lm, editors, hparam, mquake_group), mquake_n, mquake_group,
@@ -558,6 +561,10 @@ RunHparamOpt = Annotated[list[str], typer.Option(
 RunOutOpt = Annotated[Path | None, typer.Option(help="Result JSON (default results/DATASET-MODEL-EDITORS-nN.json);"
                                                      " a Markdown report and, for several N, a PNG go beside it.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Reuse rows already in OUT from the same run.")]
+RowsFromOpt = Annotated[list[Path], typer.Option(
+    "--rows-from", metavar="RESULT.json",
+    help="Take rows of the same run from this result file too, e.g. one editor's row computed in another "
+         "process (repeatable).")]
 CheckOpt = Annotated[Path | None, typer.Option(help="Baseline result JSON: exit 1 naming each metric that fell "
                                                     "more than --tolerance points below it.")]
 ToleranceOpt = Annotated[float, typer.Option(help="Points a metric may fall below --check's baseline.")]
@@ -581,6 +588,7 @@ def _run_options(
     hparam: RunHparamOpt = [],  # noqa: B006 - typer copies the default
     out: RunOutOpt = None,
     resume: ResumeOpt = False,
+    rows_from: RowsFromOpt = [],  # noqa: B006 - typer copies the default
     check: CheckOpt = None,
     tolerance: ToleranceOpt = 2.0,
     device: DeviceOpt = "cpu",

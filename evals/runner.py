@@ -3,7 +3,9 @@
 The result JSON (``OUT``) is rewritten atomically after every row, and per-case scores go to
 ``OUT`` with suffix ``.cases.json``; with ``resume`` a run whose header (model fingerprint,
 dataset sha256, selected records, protocol, evaluation options) equals the saved one reuses the
-rows already there, so an interrupted ``compare`` continues where it stopped.
+rows already there, so an interrupted ``compare`` continues where it stopped. ``rows_from`` takes
+rows of the same run from other result files too: rows computed side by side in separate
+processes (one editor each) join one result, table and report.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def _plain(obj: Any) -> Any:
     return json.loads(dumps(obj))
 
 
-def _resumable(out: Path, head: dict[str, Any]) -> dict[str, Any] | None:
+def _resumable(out: Path, head: dict[str, Any], flag: str = "--resume") -> dict[str, Any] | None:
     """The saved result at ``out`` when it is from the same run (same header and source code);
     raises ValueError naming what differs otherwise, so ``--resume`` never overwrites another run."""
     if not out.is_file():
@@ -90,8 +92,9 @@ def _resumable(out: Path, head: dict[str, Any]) -> dict[str, Any] | None:
     if saved.get("versions", {}).get("neuraldb_source") != head["versions"]["neuraldb_source"]:
         differ.append("source code")
     if differ:
-        raise ValueError(f"--resume: {out} holds a different run (it differs in {', '.join(differ)}); "
-                         "choose another --out or drop --resume to overwrite it")
+        advice = ("choose another --out or drop --resume to overwrite it" if flag == "--resume" else
+                  "its rows cannot join this one")
+        raise ValueError(f"{flag}: {out} holds a different run (it differs in {', '.join(differ)}); {advice}")
     return saved
 
 
@@ -103,6 +106,32 @@ def _reuse(saved: dict[str, Any], out: Path, editors: dict[str, tuple[type[Edito
             if k in editors and v["hparams"] == _plain(editors[k][1].to_dict())}
     cases = json.loads(cases_path(out).read_text(encoding="utf-8")) if cases_path(out).is_file() else {}
     return saved.get("pre"), kept, {k: v for k, v in cases.items() if k == "pre" or k in kept}
+
+
+def _gather(head: dict[str, Any], editors: dict[str, tuple[type[Editor], Hparams]], sources: list[Path],
+            resumed: bool) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
+    """The rows of ``sources`` (saved results of this same run, each checked like ``--resume``;
+    ``resumed``: the first is ``--out`` itself), the first source holding a row giving it;
+    per-case scores must come with every row."""
+    pre: dict[str, Any] | None = None
+    rows: dict[str, Any] = {}
+    cases: dict[str, Any] = {}
+    for i, path in enumerate(sources):
+        flag = "--resume" if resumed and i == 0 else "--rows-from"
+        saved = _resumable(path, head, flag)
+        if saved is None:
+            raise ValueError(f"{flag} {path}: no such file")
+        got_pre, got_rows, got_cases = _reuse(saved, path, editors)
+        needed = (["pre"] if got_pre is not None else []) + list(got_rows)
+        if missing := [k for k in needed if k not in got_cases]:
+            raise ValueError(f"{flag} {path}: per-case scores of {', '.join(missing)} are missing "
+                             f"({cases_path(path)})")
+        if pre is None and got_pre is not None:
+            pre, cases["pre"] = got_pre, got_cases["pre"]
+        for name, row in got_rows.items():
+            if name not in rows:
+                rows[name], cases[name] = row, got_cases[name]
+    return pre, rows, cases
 
 
 def mquake_path(out: Path) -> Path:
@@ -117,11 +146,13 @@ def cases_path(out: Path) -> Path:
 def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hparams]], protocol: Any,
         opts: EvalOptions, out: Path, resume: bool = False, report: Report | None = None,
         prepare: Callable[[Editor], None] | None = None,
-        started: Callable[[str], None] | None = None, general: General | None = None) -> dict[str, Any]:
+        started: Callable[[str], None] | None = None, general: General | None = None,
+        rows_from: list[Path] | None = None) -> dict[str, Any]:
     """Evaluate the unedited model and every editor under ``protocol``; returns the result.
 
     ``general``: lm-eval tasks run on the unedited model and on each editor's model after all its
-    edits (sequential protocol), saved as ``"general"`` in each row."""
+    edits (sequential protocol), saved as ``"general"`` in each row. ``rows_from``: result files of
+    this same run whose rows are taken instead of computed (after those of ``out`` with ``resume``)."""
     opts.validate()
     if general is not None and not protocol.sequential:
         raise ValueError("--general needs the sequential protocol (the model holding all edits)")
@@ -141,18 +172,21 @@ def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hpa
         after = (lambda: general.run(lm)) if general is not None else None
         return run_editor(lm, cls, hp, ds, records, protocol, opts, refs, report, prepare, after)
 
-    return _drive(out, head, editors, resume, unedited, edited, started)
+    return _drive(out, head, editors, resume, unedited, edited, started, rows_from or [])
 
 
 def _drive(out: Path, head: dict[str, Any], editors: dict[str, tuple[type[Editor], Hparams]], resume: bool,
            unedited: Callable[[], dict[str, Any]], edited: Callable[[type[Editor], Hparams], dict[str, Any]],
-           started: Callable[[str], None] | None) -> dict[str, Any]:
+           started: Callable[[str], None] | None, rows_from: list[Path] | None = None) -> dict[str, Any]:
     """The unedited row, then each editor's row (each a dict with its per-case ``"cases"``), saved
-    after every row; rows of an identical saved run are reused with ``resume``."""
+    after every row; rows of an identical saved run are reused with ``resume``, and taken from the
+    files ``rows_from``."""
     result: dict[str, Any] = head | {"pre": None, "editors": {}}
     cases: dict[str, Any] = {}
-    if resume and (saved := _resumable(out, head)) is not None:
-        result["pre"], result["editors"], cases = _reuse(saved, out, editors)
+    resumed = resume and out.is_file()
+    sources = ([out] if resumed else []) + [p for p in rows_from or [] if p != out]
+    if sources:
+        result["pre"], result["editors"], cases = _gather(head, editors, sources, resumed)
     if result["pre"] is None:
         if started:
             started("unedited model")
@@ -181,7 +215,7 @@ def _save(out: Path, result: dict[str, Any], cases: dict[str, Any]) -> None:
 
 def run_mquake(lm: LoadedModel, name: str, editors: dict[str, tuple[type[Editor], Hparams]], n: int, group: int,
                out: Path, sample_seed: int | None = None, resume: bool = False, report: Report | None = None,
-               started: Callable[[str], None] | None = None) -> dict[str, Any]:
+               started: Callable[[str], None] | None = None, rows_from: list[Path] | None = None) -> dict[str, Any]:
     """MQuAKE: the unedited model on the original chains, then each editor on groups of ``group``
     instances (edited into the unedited model, scored, restored); same result layout as :func:`run`."""
     import random
@@ -217,4 +251,4 @@ def run_mquake(lm: LoadedModel, name: str, editors: dict[str, tuple[type[Editor]
         row["points"] = {str(n): row.pop("metrics")}
         return row
 
-    return _drive(out, head, editors, resume, unedited, edited, started)
+    return _drive(out, head, editors, resume, unedited, edited, started, rows_from)

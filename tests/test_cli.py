@@ -86,6 +86,7 @@ def test_facts_add_appends_with_the_store_settings(demo_store, tmp_path):
     (["eval", "--dataset", "nope"], "unknown dataset 'nope'; available: counterfact,"),
     (["eval", "--n", "x"], "--n must be comma-separated numbers of edits, got 'x'"),
     (["compare", "--editors", "memit,memit"], "--editors must name distinct editors"),
+    (["compare", "--rows-from", "no-such.json"], "--rows-from no-such.json: no such file"),
 ])
 def test_errors_are_one_line_and_exit_nonzero(args, message):
     r = run(*args)

@@ -207,3 +207,39 @@ def test_resume_reuses_rows_and_refuses_another_run(tmp_path, monkeypatch):
     assert again["pre"]["points"] == first["pre"]["points"]
     with pytest.raises(ValueError, match="differs in protocol"):
         runner.run(lm, ds, chosen, Protocol("counterfact", (2,), 1), opts, out, resume=True)
+
+
+@pytest.mark.skipif(not (DATA / "counterfact").is_dir(), reason="shared data not present")
+def test_rows_computed_in_separate_runs_join_one_result(tmp_path, monkeypatch):
+    from evals import runner
+
+    ds = datasets.load("counterfact")
+    ds = datasets.Dataset(ds.spec, ds.files, ds.records[:2])
+    opts = EvalOptions(generation_every=0)
+    lm = tiny_model("llama")
+    protocol = Protocol("counterfact", (2,), 2)
+    both = runner.editor_hparams(lm, ["neuraldb", "memit"], ["neuraldb:steps=2", "neuraldb:layer=1",
+                                                             "memit:steps=2", "memit:layers=1,2"], 2)
+    alone = runner.run(lm, ds, both, protocol, opts, tmp_path / "both.json")
+    first = runner.run(lm, ds, {"neuraldb": both["neuraldb"]}, protocol, opts, tmp_path / "a.json")
+    runner.run(lm, ds, {"memit": both["memit"]}, protocol, opts, tmp_path / "b.json", rows_from=[tmp_path / "a.json"])
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a row held by another file was recomputed")
+
+    monkeypatch.setattr(runner, "run_editor", boom)
+    monkeypatch.setattr(runner, "evaluate_unedited", boom)
+    joined = runner.run(lm, ds, both, protocol, opts, tmp_path / "joined.json",
+                        rows_from=[tmp_path / "a.json", tmp_path / "b.json"])
+    assert list(joined["editors"]) == ["neuraldb", "memit"]
+    assert joined["editors"]["neuraldb"]["points"] == first["editors"]["neuraldb"]["points"]
+    for name in ("neuraldb", "memit"):  # the same numbers as one run computing both
+        assert joined["editors"][name]["points"] == alone["editors"][name]["points"]
+    cases = json.loads(runner.cases_path(tmp_path / "joined.json").read_text())
+    assert set(cases) == {"pre", "neuraldb", "memit"}
+    with pytest.raises(ValueError, match="--rows-from: .* differs in protocol"):
+        runner.run(lm, ds, both, Protocol("counterfact", (2,), 1), opts, tmp_path / "c.json",
+                   rows_from=[tmp_path / "a.json"])
+    runner.cases_path(tmp_path / "b.json").unlink()
+    with pytest.raises(ValueError, match="per-case scores of pre, memit are missing"):
+        runner.run(lm, ds, both, protocol, opts, tmp_path / "d.json", rows_from=[tmp_path / "b.json"])
