@@ -65,7 +65,8 @@ def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
 class LineProgress:
     """Progress for a log (stderr is not a terminal, e.g. CI or ``nohup``), where a Rich bar would
     show nothing until it ends: one plain line per task each time it passes another ``1/steps`` of
-    its total, and one when it completes. Same calls as :class:`rich.progress.Progress`."""
+    its total; a task without a total gets one line when the progress ends. Called like
+    :class:`rich.progress.Progress` (``add_task``, ``advance``, ``update``)."""
 
     def __init__(self, console: Console, steps: int = 10) -> None:
         self.console, self.steps = console, steps
@@ -75,9 +76,11 @@ class LineProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        for t in self.tasks:
+            if not t["total"] and t["completed"]:
+                self._line(t, f"{_count(t['completed'])} done")
 
-    def add_task(self, description: str, total: float | None = None) -> int:
+    def add_task(self, description: str, total: float | None = 100.0) -> int:
         self.tasks.append({"description": description, "total": total, "completed": 0.0, "shown": 0,
                            "start": time.monotonic()})
         return len(self.tasks) - 1
@@ -96,10 +99,18 @@ class LineProgress:
         step = min(self.steps, int(self.steps * t["completed"] / t["total"]))
         if step > t["shown"]:
             t["shown"] = step
-            minutes, seconds = divmod(int(time.monotonic() - t["start"]), 60)
             share = 100 * t["completed"] / t["total"]
-            self.console.print(f"{t['description']}: {t['completed']:g}/{t['total']:g} ({share:.0f} %) "
-                               f"{minutes}:{seconds:02d} elapsed", highlight=False)
+            self._line(t, f"{_count(t['completed'])}/{_count(t['total'])} ({share:.0f} %)")
+
+    def _line(self, t: dict[str, Any], what: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - t["start"]), 60)
+        self.console.print(f"{t['description']}: {what} {minutes}:{seconds:02d} elapsed", highlight=False,
+                           soft_wrap=True)
+
+
+def _count(x: float) -> str:
+    """A count as Rich's M/N column shows it: whole numbers without an exponent."""
+    return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
 
 
 def _progress() -> Progress | LineProgress:
@@ -508,7 +519,8 @@ def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, bat
         if mquake_set is not None:
             result["mquake"] = runner.run_mquake(
                 lm, mquake_set, runner.editor_hparams(lm, editors, hparam, mquake_group), mquake_n, mquake_group,
-                runner.mquake_path(out), sample_seed, resume, advance, announcer(mquake_n, "instances", mquake_set))
+                runner.mquake_path(out), sample_seed, resume, advance, announcer(mquake_n, "instances", mquake_set),
+                [runner.mquake_path(p) for p in rows_from if runner.mquake_path(p).is_file()])
             write_json(out, result)
     console.print(report.rich_table(result))
     if "mquake" in result:

@@ -81,12 +81,23 @@ def _plain(obj: Any) -> Any:
     return json.loads(dumps(obj))
 
 
+def _read_result(path: Path, flag: str) -> dict[str, Any]:
+    """A saved result JSON (or its per-case file), or ValueError naming ``flag`` and ``path``."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{flag} {path}: not a neuraldb result file")
+    return saved
+
+
 def _resumable(out: Path, head: dict[str, Any], flag: str = "--resume") -> dict[str, Any] | None:
     """The saved result at ``out`` when it is from the same run (same header and source code);
     raises ValueError naming what differs otherwise, so ``--resume`` never overwrites another run."""
     if not out.is_file():
         return None
-    saved = json.loads(out.read_text(encoding="utf-8"))
+    saved = _read_result(out, flag)
     keys = ("format", "model", "dataset", "protocol", "evaluation")
     differ = [k for k in keys if saved.get(k) != _plain(head.get(k))]
     if saved.get("versions", {}).get("neuraldb_source") != head["versions"]["neuraldb_source"]:
@@ -94,38 +105,50 @@ def _resumable(out: Path, head: dict[str, Any], flag: str = "--resume") -> dict[
     if differ:
         advice = ("choose another --out or drop --resume to overwrite it" if flag == "--resume" else
                   "its rows cannot join this one")
-        raise ValueError(f"{flag}: {out} holds a different run (it differs in {', '.join(differ)}); {advice}")
+        raise ValueError(f"{flag} {out}: a different run (it differs in {', '.join(differ)}); {advice}")
     return saved
 
 
-def _reuse(saved: dict[str, Any], out: Path, editors: dict[str, tuple[type[Editor], Hparams]]
+def _reuse(saved: dict[str, Any], out: Path, editors: dict[str, tuple[type[Editor], Hparams]], flag: str
            ) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
-    """Rows of a saved identical run to keep: the unedited row, and editors run with the same
-    hyperparameters; with their per-case scores."""
-    kept = {k: v for k, v in saved.get("editors", {}).items()
-            if k in editors and v["hparams"] == _plain(editors[k][1].to_dict())}
-    cases = json.loads(cases_path(out).read_text(encoding="utf-8")) if cases_path(out).is_file() else {}
-    return saved.get("pre"), kept, {k: v for k, v in cases.items() if k == "pre" or k in kept}
+    """Rows of a saved identical run to keep, with their per-case scores: the unedited row, and
+    the rows of this run's editors. With ``--resume``, a row run with other hyperparameters or
+    without per-case scores is left out (computed again); with ``--rows-from`` either is an error."""
+    strict = flag != "--resume"
+    cases = _read_result(cases_path(out), flag) if cases_path(out).is_file() else {}
+    pre, kept, other = saved.get("pre"), {}, []
+    for name, row in (saved.get("editors") or {}).items():
+        if name not in editors:
+            continue
+        wanted = _plain(editors[name][1].to_dict())
+        if isinstance(row, dict) and row.get("hparams") == wanted:
+            kept[name] = row
+        elif strict:
+            got = row.get("hparams") if isinstance(row, dict) else None
+            keys = sorted(k for k in wanted if not isinstance(got, dict) or got.get(k) != wanted[k])
+            other.append(f"{name} ({', '.join(keys)})")
+    if other:
+        raise ValueError(f"{flag} {out}: run with other hyperparameters: {'; '.join(other)}")
+    missing = [k for k in ["pre"] * (pre is not None) + list(kept) if k not in cases]
+    if missing and strict:
+        raise ValueError(f"{flag} {out}: per-case scores of {', '.join(missing)} are missing ({cases_path(out)})")
+    pre = None if "pre" in missing else pre
+    kept = {k: v for k, v in kept.items() if k not in missing}
+    return pre, kept, {k: cases[k] for k in ["pre"] * (pre is not None) + list(kept)}
 
 
-def _gather(head: dict[str, Any], editors: dict[str, tuple[type[Editor], Hparams]], sources: list[Path],
-            resumed: bool) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
-    """The rows of ``sources`` (saved results of this same run, each checked like ``--resume``;
-    ``resumed``: the first is ``--out`` itself), the first source holding a row giving it;
-    per-case scores must come with every row."""
+def _gather(head: dict[str, Any], editors: dict[str, tuple[type[Editor], Hparams]],
+            sources: list[tuple[Path, str]]) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
+    """The rows of ``sources`` (``(saved result, "--resume" or "--rows-from")``, each checked to
+    be this same run), the first source holding a row giving it; with their per-case scores."""
     pre: dict[str, Any] | None = None
     rows: dict[str, Any] = {}
     cases: dict[str, Any] = {}
-    for i, path in enumerate(sources):
-        flag = "--resume" if resumed and i == 0 else "--rows-from"
+    for path, flag in sources:
         saved = _resumable(path, head, flag)
         if saved is None:
             raise ValueError(f"{flag} {path}: no such file")
-        got_pre, got_rows, got_cases = _reuse(saved, path, editors)
-        needed = (["pre"] if got_pre is not None else []) + list(got_rows)
-        if missing := [k for k in needed if k not in got_cases]:
-            raise ValueError(f"{flag} {path}: per-case scores of {', '.join(missing)} are missing "
-                             f"({cases_path(path)})")
+        got_pre, got_rows, got_cases = _reuse(saved, path, editors, flag)
         if pre is None and got_pre is not None:
             pre, cases["pre"] = got_pre, got_cases["pre"]
         for name, row in got_rows.items():
@@ -183,10 +206,11 @@ def _drive(out: Path, head: dict[str, Any], editors: dict[str, tuple[type[Editor
     files ``rows_from``."""
     result: dict[str, Any] = head | {"pre": None, "editors": {}}
     cases: dict[str, Any] = {}
-    resumed = resume and out.is_file()
-    sources = ([out] if resumed else []) + [p for p in rows_from or [] if p != out]
+    sources = [(out, "--resume")] if resume and out.is_file() else []
+    # OUT named by --rows-from too is read once (before anything is saved over it)
+    sources += [(p, "--rows-from") for p in rows_from or [] if not (sources and p.resolve() == out.resolve())]
     if sources:
-        result["pre"], result["editors"], cases = _gather(head, editors, sources, resumed)
+        result["pre"], result["editors"], cases = _gather(head, editors, sources)
     if result["pre"] is None:
         if started:
             started("unedited model")

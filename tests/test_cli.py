@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -224,14 +225,16 @@ def test_progress_in_a_log_prints_a_line_at_each_tenth():
     from cli import LineProgress
 
     buf = io.StringIO()
-    with LineProgress(Console(file=buf, width=200)) as bar:
+    with LineProgress(Console(file=buf, width=40)) as bar:
         edits = bar.add_task("edits", total=1000)
-        for _ in range(10):
-            bar.advance(edits, 100)
-        gen = bar.add_task("generation")  # total unknown: nothing to report yet
-        bar.update(gen, completed=3)
-        bar.update(gen, completed=4, total=4)
+        for _ in range(1000):  # one by one: a line at each tenth, no more
+            bar.advance(edits)
+        tokens = bar.add_task("statistics (tokens)", total=3_000_000)
+        bar.advance(tokens, 2_500_000)  # past several tenths at once: one line
+        fetch = bar.add_task("counterfact/a-rather-long-file-name.json", total=None)  # no total known
+        bar.update(fetch, completed=4096)
     lines = buf.getvalue().splitlines()
-    assert [ln.split(" (")[0] for ln in lines] == [f"edits: {k}/1000" for k in range(100, 1001, 100)] + [
-        "generation: 4/4"]
-    assert lines[-1].startswith("generation: 4/4 (100 %) 0:00 elapsed")
+    shares = [re.sub(r" \(\d+ %\) \d+:\d\d elapsed$", "", ln) for ln in lines]
+    assert shares == [f"edits: {k}/1000" for k in range(100, 1001, 100)] + [
+        "statistics (tokens): 2500000/3000000", "counterfact/a-rather-long-file-name.json: 4096 done 0:00 elapsed"]
+    assert lines[9].startswith("edits: 1000/1000 (100 %) 0:00 elapsed")

@@ -205,7 +205,7 @@ def test_resume_reuses_rows_and_refuses_another_run(tmp_path, monkeypatch):
     again = runner.run(lm, ds, chosen, Protocol("counterfact", (2,), 2), opts, out, resume=True)
     assert again["editors"] == json.loads(out.read_text())["editors"]
     assert again["pre"]["points"] == first["pre"]["points"]
-    with pytest.raises(ValueError, match="differs in protocol"):
+    with pytest.raises(ValueError, match="--resume .*r.json: a different run .*differs in protocol"):
         runner.run(lm, ds, chosen, Protocol("counterfact", (2,), 1), opts, out, resume=True)
 
 
@@ -220,26 +220,36 @@ def test_rows_computed_in_separate_runs_join_one_result(tmp_path, monkeypatch):
     protocol = Protocol("counterfact", (2,), 2)
     both = runner.editor_hparams(lm, ["neuraldb", "memit"], ["neuraldb:steps=2", "neuraldb:layer=1",
                                                              "memit:steps=2", "memit:layers=1,2"], 2)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
     alone = runner.run(lm, ds, both, protocol, opts, tmp_path / "both.json")
-    first = runner.run(lm, ds, {"neuraldb": both["neuraldb"]}, protocol, opts, tmp_path / "a.json")
-    runner.run(lm, ds, {"memit": both["memit"]}, protocol, opts, tmp_path / "b.json", rows_from=[tmp_path / "a.json"])
+    runner.run(lm, ds, {"neuraldb": both["neuraldb"]}, protocol, opts, a)
+    runner.run(lm, ds, {"memit": both["memit"]}, protocol, opts, b, rows_from=[a])  # its unedited row from a
 
     def boom(*args, **kwargs):
         raise AssertionError("a row held by another file was recomputed")
 
     monkeypatch.setattr(runner, "run_editor", boom)
     monkeypatch.setattr(runner, "evaluate_unedited", boom)
-    joined = runner.run(lm, ds, both, protocol, opts, tmp_path / "joined.json",
-                        rows_from=[tmp_path / "a.json", tmp_path / "b.json"])
-    assert list(joined["editors"]) == ["neuraldb", "memit"]
-    assert joined["editors"]["neuraldb"]["points"] == first["editors"]["neuraldb"]["points"]
+    joined = runner.run(lm, ds, both, protocol, opts, tmp_path / "joined.json", rows_from=[b, a])
+    assert list(joined["editors"]) == ["neuraldb", "memit"], "the order of --editors, not of the files"
+    assert joined["pre"]["points"] == alone["pre"]["points"]
     for name in ("neuraldb", "memit"):  # the same numbers as one run computing both
         assert joined["editors"][name]["points"] == alone["editors"][name]["points"]
     cases = json.loads(runner.cases_path(tmp_path / "joined.json").read_text())
-    assert set(cases) == {"pre", "neuraldb", "memit"}
-    with pytest.raises(ValueError, match="--rows-from: .* differs in protocol"):
-        runner.run(lm, ds, both, Protocol("counterfact", (2,), 1), opts, tmp_path / "c.json",
-                   rows_from=[tmp_path / "a.json"])
-    runner.cases_path(tmp_path / "b.json").unlink()
-    with pytest.raises(ValueError, match="per-case scores of pre, memit are missing"):
-        runner.run(lm, ds, both, protocol, opts, tmp_path / "d.json", rows_from=[tmp_path / "b.json"])
+    assert cases == json.loads(runner.cases_path(tmp_path / "both.json").read_text())
+    # OUT itself named by --rows-from (no --resume) keeps its rows; with --resume as well
+    for resume in (False, True):
+        again = runner.run(lm, ds, both, protocol, opts, tmp_path / "joined.json", resume, rows_from=[
+            tmp_path / "joined.json"])
+        assert again["editors"] == joined["editors"]
+    other = runner.editor_hparams(lm, ["memit"], ["memit:steps=3", "memit:layers=1,2"], 2)
+    with pytest.raises(ValueError, match="b.json: run with other hyperparameters: memit \\(steps\\)"):
+        runner.run(lm, ds, other, protocol, opts, tmp_path / "e.json", rows_from=[b])
+    with pytest.raises(ValueError, match="--rows-from .*a.json: a different run .*differs in protocol"):
+        runner.run(lm, ds, both, Protocol("counterfact", (2,), 1), opts, tmp_path / "c.json", rows_from=[a])
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="--rows-from .*junk.json: not a neuraldb result file"):
+        runner.run(lm, ds, both, protocol, opts, tmp_path / "f.json", rows_from=[tmp_path / "junk.json"])
+    runner.cases_path(b).unlink()
+    with pytest.raises(ValueError, match="b.json: per-case scores of pre, memit are missing"):
+        runner.run(lm, ds, both, protocol, opts, tmp_path / "d.json", rows_from=[b])
