@@ -185,14 +185,17 @@ def test_fluency_entropy_matches_hand_count():
     assert ngram_entropy("x y x y") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
 
 
+def _two_cases():
+    """Two CounterFact cases, scoring without generations, a tiny Llama: a quick whole run."""
+    ds = datasets.load("counterfact")
+    return datasets.Dataset(ds.spec, ds.files, ds.records[:2]), EvalOptions(generation_every=0), tiny_model("llama")
+
+
 @pytest.mark.skipif(not (DATA / "counterfact").is_dir(), reason="shared data not present")
 def test_resume_reuses_rows_and_refuses_another_run(tmp_path, monkeypatch):
     from evals import runner
 
-    ds = datasets.load("counterfact")
-    ds = datasets.Dataset(ds.spec, ds.files, ds.records[:2])
-    opts = EvalOptions(generation_every=0)
-    lm = tiny_model("llama")
+    ds, opts, lm = _two_cases()
     chosen = runner.editor_hparams(lm, ["neuraldb"], ["steps=2", "layer=1"], 2)
     out = tmp_path / "r.json"
     first = runner.run(lm, ds, chosen, Protocol("counterfact", (2,), 2), opts, out)
@@ -213,10 +216,7 @@ def test_resume_reuses_rows_and_refuses_another_run(tmp_path, monkeypatch):
 def test_rows_computed_in_separate_runs_join_one_result(tmp_path, monkeypatch):
     from evals import runner
 
-    ds = datasets.load("counterfact")
-    ds = datasets.Dataset(ds.spec, ds.files, ds.records[:2])
-    opts = EvalOptions(generation_every=0)
-    lm = tiny_model("llama")
+    ds, opts, lm = _two_cases()
     protocol = Protocol("counterfact", (2,), 2)
     both = runner.editor_hparams(lm, ["neuraldb", "memit"], ["neuraldb:steps=2", "neuraldb:layer=1",
                                                              "memit:steps=2", "memit:layers=1,2"], 2)
