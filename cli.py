@@ -572,7 +572,9 @@ RunHparamOpt = Annotated[list[str], typer.Option(
     help="Hyperparameter, e.g. memit:mom2_update_weight=5000; without EDITOR: for every editor (repeatable).")]
 RunOutOpt = Annotated[Path | None, typer.Option(help="Result JSON (default results/DATASET-MODEL-EDITORS-nN.json);"
                                                      " a Markdown report and, for several N, a PNG go beside it.")]
-ResumeOpt = Annotated[bool, typer.Option(help="Reuse rows already in OUT from the same run.")]
+ResumeOpt = Annotated[bool, typer.Option(
+    help="Reuse rows already in OUT from the same run, and continue a row cut short from its last "
+         "finished edit batch (OUT.partial/).")]
 RowsFromOpt = Annotated[list[Path], typer.Option(
     "--rows-from", metavar="RESULT.json",
     help="Take rows of the same run from this result file too, e.g. one editor's row computed in another "

@@ -12,7 +12,9 @@ Every editor starts from the unedited model and is restored (checked by fingerpr
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +27,7 @@ from evals.datasets import Dataset, EvalRecord, select
 from evals.evaluate import EvalOptions, metrics, score_records
 from neuraldb.editor import Editor, Hparams
 from neuraldb.facts import EditRequest
+from neuraldb.files import write_folder, write_json
 from neuraldb.models import LoadedModel, fingerprint, model_summary
 
 FORMAT = "neuraldb-eval/1"
@@ -108,56 +111,106 @@ def evaluate_unedited(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], p
     return {"points": _points(ds, protocol, cases), "eval_seconds": seconds, "cases": cases}
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a sequential row keeps its state after every edit batch but the last, so that a row cut
+    short (a killed process, a session's end) continues from its last finished batch.
+
+    ``path``: a folder holding the editor's artifact (``editor/``, :meth:`Editor.save`) and
+    ``state.json`` (edits made, clocks, metrics and per-case scores so far), replaced atomically as
+    one; ``run``: the identity of the run and row (a hash of the header, editor and hyperparameters).
+    A saved state of another run is ignored. Continuing gives the same row as one uninterrupted run:
+    the artifacts restore the editor's state exactly.
+    """
+
+    path: Path
+    run: str
+
+    def load(self, lm: LoadedModel, editor_cls: type[Editor]) -> tuple[Editor, dict[str, Any]] | None:
+        """The saved editor (applied to ``lm``) and state, or None when there is none for this run."""
+        try:
+            state = json.loads((self.path / "state.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        if not isinstance(state, dict) or state.get("run") != self.run:
+            return None
+        return editor_cls.load(lm, self.path / "editor"), state
+
+    def save(self, editor: Editor, state: dict[str, Any]) -> None:
+        def fill(tmp: Path) -> None:
+            editor.save(tmp / "editor")
+            write_json(tmp / "state.json", state | {"run": self.run})
+
+        write_folder(self.path, fill)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: Dataset, records: list[EvalRecord],
                protocol: Protocol, opts: EvalOptions, refs: ReferenceTexts | None = None,
                report: Report | None = None, prepare: Callable[[Editor], None] | None = None,
-               after: Callable[[], Any] | None = None) -> dict[str, Any]:
+               after: Callable[[], Any] | None = None, checkpoint: Checkpoint | None = None) -> dict[str, Any]:
     """Edit ``records`` with one editor under ``protocol``, evaluate at every N, restore the model.
 
     Returns ``{"hparams", "points": {N: metrics}, "edit_seconds", "eval_seconds", "cases"}`` where
     ``cases`` are the per-case scores at the largest N; with ``after`` (sequential protocol only),
-    its result on the model holding all edits is added as ``"general"``. Raises RuntimeError when
+    its result on the model holding all edits is added as ``"general"``. ``checkpoint`` (sequential
+    protocol only): continue from its saved state when it has one for this run, and save the state
+    there after every batch but the last (the caller clears it once the row is saved); the row then
+    lists in ``"resumed_at"`` the numbers of edits it was continued from. Raises RuntimeError when
     the editor does not give the unedited model back.
     """
     base = lm.fingerprint
     requests: list[EditRequest] = [r.request for r in records]
-    edit_s = eval_s = 0.0
-    points: dict[str, dict[str, float | None]] = {}
-    cases: list[dict[str, Any]] = []
+    checkpoint = checkpoint if protocol.sequential else None
+    state: dict[str, Any] = {"done": 0, "edit_seconds": 0.0, "eval_seconds": 0.0, "points": {}, "cases": [],
+                             "resumed_at": []}
+    saved = checkpoint.load(lm, editor_cls) if checkpoint else None
+    editor = saved[0] if saved else editor_cls(lm, hparams)
+    if saved:
+        state = saved[1] | {"resumed_at": [*saved[1]["resumed_at"], saved[1]["done"]]}
+        if report:
+            report("edits", state["done"], len(requests))
     general = None
-    editor = editor_cls(lm, hparams)
     try:
         if prepare:
             prepare(editor)
-        for start, end in protocol.chunks():
+        chunks = protocol.chunks()
+        for start, end in chunks:
+            if end <= state["done"]:
+                continue
             if not protocol.sequential and start > 0:
                 editor.restore()
                 editor = editor_cls(lm, hparams)
             t = time.perf_counter()
             editor.edit(requests[start:end])
-            edit_s += time.perf_counter() - t
+            state["edit_seconds"] += time.perf_counter() - t
             if report:
                 report("edits", end, len(requests))
             if not protocol.sequential:
                 got, s = _evaluate(lm, ds, records[start:end], opts, refs, None, offset=start)
-                eval_s += s
-                cases.extend(got)
+                state["eval_seconds"] += s
+                state["cases"].extend(got)
             elif end in protocol.n:
                 got, s = _evaluate(lm, ds, records[:end], opts, refs, None)
-                eval_s += s
-                points[str(end)] = metrics(ds.kind, got)
-                cases = got
+                state["eval_seconds"] += s
+                state["points"][str(end)] = metrics(ds.kind, got)
+                state["cases"] = got
+            state["done"] = end
+            if checkpoint and end < chunks[-1][1]:
+                checkpoint.save(editor, state)
         if after is not None and protocol.sequential:
             general = after()
     finally:
         editor.restore()
     if fingerprint(lm.model) != base:
         raise RuntimeError(f"{editor_cls.name} did not restore the unedited model")
-    if not protocol.sequential:
-        points = _points(ds, protocol, cases)
-    row = {"hparams": editor.hparams.to_dict(), "points": points, "edit_seconds": edit_s, "eval_seconds": eval_s,
-           "edits": len(requests), "cases": cases}
-    return row | ({"general": general} if general is not None else {})
+    points = state["points"] if protocol.sequential else _points(ds, protocol, state["cases"])
+    row = {"hparams": editor.hparams.to_dict(), "points": points, "edit_seconds": state["edit_seconds"],
+           "eval_seconds": state["eval_seconds"], "edits": len(requests), "cases": state["cases"]}
+    return (row | ({"general": general} if general is not None else {})
+            | ({"resumed_at": state["resumed_at"]} if state["resumed_at"] else {}))
 
 
 def header(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], protocol: Protocol, opts: EvalOptions,

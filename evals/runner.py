@@ -3,7 +3,9 @@
 The result JSON (``OUT``) is rewritten atomically after every row, and per-case scores go to
 ``OUT`` with suffix ``.cases.json``; with ``resume`` a run whose header (model fingerprint,
 dataset sha256, selected records, protocol, evaluation options) equals the saved one reuses the
-rows already there, so an interrupted ``compare`` continues where it stopped. ``rows_from`` takes
+rows already there, so an interrupted ``compare`` continues where it stopped; a row in progress
+keeps its state in ``OUT.partial/EDITOR/`` after every edit batch (:class:`evals.protocol.Checkpoint`),
+so it continues from its last finished batch. ``rows_from`` takes
 rows of the same run from other result files too: rows computed side by side in separate
 processes (one editor each) join one result, table and report.
 """
@@ -22,7 +24,7 @@ from baselines.closed_form import ClosedFormHparams
 from evals.consistency import ReferenceTexts
 from evals.datasets import Dataset
 from evals.evaluate import EvalOptions
-from evals.protocol import Report, evaluate_unedited, header, run_editor, select_records
+from evals.protocol import Checkpoint, Report, evaluate_unedited, header, run_editor, select_records
 from neuraldb.editor import Editor, Hparams, get_editor
 from neuraldb.files import write_json
 from neuraldb.models import LoadedModel, dumps
@@ -193,17 +195,31 @@ def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hpa
 
     def edited(cls: type[Editor], hp: Hparams) -> dict[str, Any]:
         after = (lambda: general.run(lm)) if general is not None else None
-        return run_editor(lm, cls, hp, ds, records, protocol, opts, refs, report, prepare, after)
+        ck = checkpoint(out, head, cls.name, hp)
+        if not resume:
+            ck.clear()
+        return run_editor(lm, cls, hp, ds, records, protocol, opts, refs, report, prepare, after, ck)
 
-    return _drive(out, head, editors, resume, unedited, edited, started, rows_from or [])
+    def saved(name: str) -> None:
+        checkpoint(out, head, name, editors[name][1]).clear()
+
+    return _drive(out, head, editors, resume, unedited, edited, started, rows_from or [], saved)
+
+
+def checkpoint(out: Path, head: dict[str, Any], name: str, hp: Hparams) -> Checkpoint:
+    """Where editor ``name``'s row of the run ``head`` saved to ``out`` keeps its partial state:
+    ``OUT.partial/NAME/`` (removed once the row is saved)."""
+    run_id = hashlib.sha256(dumps([head, name, hp.to_dict()]).encode()).hexdigest()[:16]
+    return Checkpoint(out.with_name(out.name.removesuffix(".json") + ".partial") / name, run_id)
 
 
 def _drive(out: Path, head: dict[str, Any], editors: dict[str, tuple[type[Editor], Hparams]], resume: bool,
            unedited: Callable[[], dict[str, Any]], edited: Callable[[type[Editor], Hparams], dict[str, Any]],
-           started: Callable[[str], None] | None, rows_from: list[Path] | None = None) -> dict[str, Any]:
+           started: Callable[[str], None] | None, rows_from: list[Path] | None = None,
+           saved: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The unedited row, then each editor's row (each a dict with its per-case ``"cases"``), saved
-    after every row; rows of an identical saved run are reused with ``resume``, and taken from the
-    files ``rows_from``."""
+    after every row (then ``saved(name)`` is called); rows of an identical saved run are reused
+    with ``resume``, and taken from the files ``rows_from``."""
     result: dict[str, Any] = head | {"pre": None, "editors": {}}
     cases: dict[str, Any] = {}
     sources = [(out, "--resume")] if resume and out.is_file() else []
@@ -227,6 +243,8 @@ def _drive(out: Path, head: dict[str, Any], editors: dict[str, tuple[type[Editor
         cases[name] = row.pop("cases")
         result["editors"][name] = row
         _save(out, result, cases)
+        if saved:
+            saved(name)
     result["editors"] = {k: result["editors"][k] for k in editors}
     _save(out, result, cases)
     return result

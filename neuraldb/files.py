@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +37,28 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_artifact(path: str | Path, meta_name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` and ``meta`` (plus the tensors' sha256) as folder ``path``, atomically."""
+def write_folder(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """Build folder ``path`` atomically: ``fill(tmp)`` writes its contents into a temporary folder
+    beside it, which is then swapped in (the previous folder is kept until then)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
     try:
-        file = tmp / TENSORS
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file))
-        (tmp / meta_name).write_text(dumps(meta | {"tensors_sha256": sha256_file(file)}) + "\n", encoding="utf-8")
+        fill(tmp)
         _swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_artifact(path: str | Path, meta_name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` and ``meta`` (plus the tensors' sha256) as folder ``path``, atomically."""
+
+    def fill(tmp: Path) -> None:
+        file = tmp / TENSORS
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file))
+        (tmp / meta_name).write_text(dumps(meta | {"tensors_sha256": sha256_file(file)}) + "\n", encoding="utf-8")
+
+    write_folder(path, fill)
 
 
 def read_meta(path: str | Path, meta_name: str, fmt: str) -> dict[str, Any]:

@@ -253,3 +253,59 @@ def test_rows_computed_in_separate_runs_join_one_result(tmp_path, monkeypatch):
     runner.cases_path(b).unlink()
     with pytest.raises(ValueError, match="b.json: per-case scores of pre, memit are missing"):
         runner.run(lm, ds, both, protocol, opts, tmp_path / "d.json", rows_from=[b])
+
+
+@pytest.mark.skipif(not (DATA / "counterfact").is_dir(), reason="shared data not present")
+def test_a_row_cut_short_continues_from_its_last_batch(tmp_path, monkeypatch):
+    from baselines.closed_form import ClosedFormEditor
+    from evals import runner
+    from neuraldb.neuraldb_editor import NeuralDBEditor
+
+    ds, opts, lm = _two_cases()
+    protocol = Protocol("counterfact", (2,), 1)  # two batches of one fact
+    both = runner.editor_hparams(lm, ["neuraldb", "alphaedit"], ["neuraldb:steps=2", "neuraldb:layer=1",
+                                                                 "alphaedit:steps=2", "alphaedit:layers=1,2"], 1)
+    whole = runner.run(lm, ds, both, protocol, opts, tmp_path / "whole.json")
+    second = ds.records[1].request.id
+
+    class Stopped(Exception):
+        """What the end of a session does to a run."""
+
+    stopped: set[type] = set()
+
+    def stop_before_second_batch(*classes: type) -> None:
+        for cls in classes:  # each is stopped once
+
+            def edit(self, requests, *args, real=cls.edit, cls=cls, **kwargs):
+                if requests[0].id == second and cls not in stopped:
+                    stopped.add(cls)
+                    raise Stopped
+                return real(self, requests, *args, **kwargs)
+
+            monkeypatch.setattr(cls, "edit", edit)
+
+    stop_before_second_batch(NeuralDBEditor, ClosedFormEditor)
+    out, partial = tmp_path / "cut.json", tmp_path / "cut.partial"
+    with pytest.raises(Stopped):
+        runner.run(lm, ds, both, protocol, opts, out, resume=True)
+    assert (partial / "neuraldb" / "state.json").is_file()
+    with pytest.raises(Stopped):  # neuraldb's row continues and is saved; alphaedit's is cut
+        runner.run(lm, ds, both, protocol, opts, out, resume=True)
+    assert not (partial / "neuraldb").exists() and (partial / "alphaedit" / "editor").is_dir()
+    done = runner.run(lm, ds, both, protocol, opts, out, resume=True)
+    assert not (partial / "alphaedit").exists()
+    for name in both:  # the same numbers as an uninterrupted run
+        assert done["editors"][name]["points"] == whole["editors"][name]["points"]
+        assert done["editors"][name]["resumed_at"] == [1]
+    cases = json.loads(runner.cases_path(out).read_text())
+    assert cases == json.loads(runner.cases_path(tmp_path / "whole.json").read_text())
+    # without --resume a partial row is not continued: the row starts over
+    monkeypatch.undo()
+    stopped.clear()
+    stop_before_second_batch(NeuralDBEditor)
+    with pytest.raises(Stopped):
+        runner.run(lm, ds, both, protocol, opts, out)
+    assert (partial / "neuraldb" / "state.json").is_file()
+    again = runner.run(lm, ds, both, protocol, opts, out)
+    assert "resumed_at" not in again["editors"]["neuraldb"] and not partial.joinpath("neuraldb").exists()
+    assert again["editors"]["neuraldb"]["points"] == whole["editors"]["neuraldb"]["points"]
