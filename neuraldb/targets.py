@@ -12,7 +12,8 @@ once its loss is below ``early_stop_loss``; the last iteration does not step.
 
 :func:`optimize` is the fast path: many facts per batch in one forward/backward, the layers up to
 the edit layer run once (their outputs and the attention keys/values of every position before the
-subject's last token are cached), and logits are computed only at the loss positions.
+subject's last token are cached), the KL rows run only up to that token (the one their loss
+reads), and logits are computed only at the loss positions.
 :func:`optimize_full_forward` is the reference protocol (one fact at a time, a full forward with
 full logits at every step) used by the benchmark and the tests to check the fast path.
 """
@@ -209,8 +210,10 @@ def loss_index(rows: Rows, offsets: torch.Tensor, first_col: int) -> LossIndex:
 def fact_losses(
     logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], idx: LossIndex,
     kl: KLIndex, delta: torch.Tensor, init_norm: torch.Tensor, cfg: TargetConfig,
+    kl_logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-fact (loss, nll, KL log-probs) for logits ``[N, vocab]`` read by ``logits_at(rows, cols)``.
+    """Per-fact (loss, nll, KL log-probs) for logits ``[N, vocab]`` read by ``logits_at(rows, cols)``
+    (the KL rows' by ``kl_logits_at`` when they ran in a pass of their own).
 
     Returns ``loss [F]`` and ``nll [F]`` (facts without entries get 0 NLL / KL) and the KL rows'
     log-probabilities ``[len(kl.rows), vocab]``.
@@ -219,7 +222,7 @@ def fact_losses(
     logp = torch.log_softmax(logits_at(idx.row, idx.col), -1)
     token_lp = logp.gather(1, idx.token.view(-1, 1).to(logp.device)).squeeze(1).cpu()
     nll = torch.zeros(n_facts).index_add(0, idx.fact, -token_lp * idx.weight)
-    kl_logp = torch.log_softmax(logits_at(kl.rows, kl.cols), -1)
+    kl_logp = torch.log_softmax((kl_logits_at or logits_at)(kl.rows, kl.cols), -1)
     init = kl_logp.detach() if kl.init is None else kl.init
     kl_div = torch.zeros(n_facts).index_add(0, kl.fact, (kl_logp.exp() * (kl_logp - init)).sum(-1).cpu())
     wd = cfg.weight_decay * delta.norm(dim=1) / init_norm**2
@@ -324,27 +327,32 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
     init = suffix.site[torch.tensor(rows.bare)].cpu()
     del cache, final, got
     init_norm = init.norm(dim=1)
-    selected: dict[tuple[bool, ...], _Suffix] = {}
+    selected: dict[tuple[bool, ...], tuple[_Suffix, _Suffix]] = {}
 
-    def loss_fn(delta: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = tuple(live.tolist())
-        if key not in selected:  # facts that stopped early leave the batch
-            selected.clear()
-            selected[key] = suffix.select(live)
-        part = selected[key]
+    a = s - cut  # the subject's last token's column in the suffix
+
+    def forward(part: _Suffix, delta: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[rows, width, d_model]`` of ``part`` with δ added at the anchor."""
         d = delta[part.row_fact].to(dev, part.block.dtype)
-        a = s - cut
         if post is not None:  # the FFN output is normalised before the residual add
             anchor = part.block[:, a] - post(part.site.to(d.dtype)) + post(part.site.to(d.dtype) + d)
         else:
             anchor = part.block[:, a] + d
         hidden = torch.cat([part.block[:, :a], anchor.unsqueeze(1), part.block[:, a + 1:]], 1)
         with start_at_layer(model, arch.spec.layers, cfg.layer, lambda: hidden):
-            out = lm.backbone(input_ids=part.ids, attention_mask=part.mask, position_ids=part.pos,
-                              cache=cache_from(part.prefix, model.config) if cut else None,
-                              use_cache=bool(cut)).last_hidden_state
-        loss, nll, _ = fact_losses(lambda r, c: lm.logits(out[r.to(dev), c.to(dev)]), part.loss, part.kl,
-                                   delta, init_norm, cfg)
+            return lm.backbone(input_ids=part.ids, attention_mask=part.mask, position_ids=part.pos,
+                               cache=cache_from(part.prefix, model.config) if cut else None,
+                               use_cache=bool(cut)).last_hidden_state
+
+    def loss_fn(delta: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(live.tolist())
+        if key not in selected:  # facts that stopped early leave the batch
+            selected.clear()
+            selected[key] = suffix.split(live, a)
+        rewrite, kl = selected[key]
+        out, out_kl = forward(rewrite, delta), forward(kl, delta)
+        loss, nll, _ = fact_losses(lambda r, c: lm.logits(out[r.to(dev), c.to(dev)]), rewrite.loss, kl.kl,
+                                   delta, init_norm, cfg, lambda r, c: lm.logits(out_kl[r.to(dev), c.to(dev)]))
         return loss, nll
 
     delta, loss, nll, steps = _run(loss_fn, len(requests), arch.d_model, init_norm, cfg)
@@ -371,19 +379,31 @@ class _Suffix:
     loss: LossIndex
     kl: KLIndex
 
-    def select(self, live: torch.Tensor) -> _Suffix:
-        """The rows of the facts marked in ``live`` (``[F]`` bool), indices remapped."""
-        keep = live[self.row_fact].nonzero().squeeze(1)
+    def take(self, rows: torch.Tensor, width: int | None = None) -> _Suffix:
+        """Rows ``rows`` (indices, in order) and the first ``width`` suffix columns, with the loss
+        and KL indices remapped to them (entries of other rows dropped)."""
         remap = torch.full((len(self.row_fact),), -1, dtype=torch.long)
-        remap[keep] = torch.arange(len(keep))
-        e = live[self.loss.fact]
-        li = self.loss
+        remap[rows] = torch.arange(len(rows))
+        li, kl = self.loss, self.kl
+        e, k = remap[li.row] >= 0, remap[kl.rows] >= 0
         loss = LossIndex(remap[li.row[e]], li.col[e], li.token[e], li.fact[e], li.weight[e])
-        k = live[self.kl.fact]
-        kl = KLIndex(remap[self.kl.rows[k]], self.kl.cols[k], self.kl.fact[k], self.kl.init[k.to(self.kl.init.device)])
-        dk = keep.to(self.ids.device)
-        return _Suffix(self.ids[dk], self.mask[dk], self.pos[dk], self.block[dk], self.site[dk],
-                       [(a[dk], b[dk]) for a, b in self.prefix], self.row_fact[keep], loss, kl)
+        init = None if kl.init is None else kl.init[k.to(kl.init.device)]
+        kl_index = KLIndex(remap[kl.rows[k]], kl.cols[k], kl.fact[k], init)
+        r = rows.to(self.ids.device)
+        w = self.ids.shape[1] if width is None else width
+        cut = self.mask.shape[1] - self.ids.shape[1]
+        return _Suffix(self.ids[r, :w], self.mask[r, : cut + w], self.pos[r, :w], self.block[r, :w], self.site[r],
+                       [(a[r], b[r]) for a, b in self.prefix], self.row_fact[rows], loss, kl_index)
+
+    def split(self, live: torch.Tensor, anchor: int) -> tuple[_Suffix, _Suffix]:
+        """The rows of the facts marked in ``live`` (``[F]`` bool) as two passes: the rewriting rows,
+        whole, and the KL rows up to column ``anchor`` only, the one their loss reads (attention is
+        causal, so their later columns need not be computed)."""
+        is_kl = torch.zeros(len(self.row_fact), dtype=torch.bool)
+        is_kl[self.kl.rows] = True
+        mine = live[self.row_fact]
+        return (self.take((mine & ~is_kl).nonzero().squeeze(1)),
+                self.take((mine & is_kl).nonzero().squeeze(1), anchor + 1))
 
 
 def optimize(
