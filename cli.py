@@ -495,15 +495,19 @@ def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, bat
     with _progress() as bar:
         bars: dict[str, Any] = {}
 
-        def announcer(count: int, unit: str, name: str, then: str = "") -> Callable[[str], None]:
+        def announcer(count: int, unit: str, name: str, then: str = "",
+                      edits: int | None = None) -> Callable[[str], None]:
             def started(what: str) -> None:
                 bars.clear()
                 doing = "scoring" if what == "unedited model" else "editing and scoring"
                 err.print(f"[bold]{what}[/]: {doing} {count} {unit} of {name}{then}", highlight=False)
+                if edits and what != "unedited model":  # the edits' clock starts with the row
+                    advance("edits", 0, edits)
             return started
 
         then = f", then lm-eval on {', '.join(checks.tasks)} (output held back)" if checks else ""
-        started = announcer(protocol.n[-1], "instances" if is_mquake else "records", dataset, then)
+        started = announcer(protocol.n[-1], "instances" if is_mquake else "records", dataset, then,
+                            None if is_mquake else protocol.n[-1])
 
         def advance(stage: str, done: int, total: int) -> None:
             if stage not in bars:
