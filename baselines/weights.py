@@ -154,7 +154,15 @@ class WeightEdits:
         return out
 
     def load(self, described: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
-        """Apply saved edits to the base model, checking base and result against their sha256."""
+        """Apply saved edits to the base model, checking base and result against their sha256; on
+        any failure the layers already applied are put back (the model is left as it was)."""
+        try:
+            self._load(described, tensors)
+        except BaseException:
+            self.restore()
+            raise
+
+    def _load(self, described: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
         for d in described:
             layer = int(d["layer"])
             if layer not in self.layers:

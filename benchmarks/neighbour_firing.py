@@ -3,8 +3,9 @@
 NeuralDB's specificity loss comes only from tokens of a neighbourhood prompt where some stored key
 has cosine > γ with the token's key: everywhere else the gated model is the base model bit for bit.
 Whether a key fires depends on the keys alone, not on the residuals, so this script needs no
-optimisation: it computes the keys of the first ``--n`` CounterFact records exactly as NeuralDB
-does (same edit layer, context templates and averaging), and runs every rewrite, paraphrase and
+optimisation: it computes the keys of the first ``--n`` CounterFact records as NeuralDB does (same
+edit layer, context templates and averaging; batched differently, so equal up to float rounding,
+which matters only for cosines within ~1e-6 of γ), and runs every rewrite, paraphrase and
 neighbourhood prompt up to the edit layer with the gate traced (neighbourhood prompts once followed
 by each scored answer, as scoring runs them). Per sequence it keeps, at each token, the best stored
 fact and its cosine.
@@ -20,7 +21,8 @@ Output (JSON):
   the same records, run with the store's γ): the neighbourhood prompts whose score changed and those
   that flipped from the true to the new object, by kind of firing (whose fact × prompt or answer
   token), and how many fired without any change;
-* ``examples``: flipped prompts with the fact that fired there.
+* ``examples``: flipped prompts with the fact of highest cosine over the prompt followed by the new
+  answer (its scored positions) and the token where it is.
 
 Usage:  python benchmarks/neighbour_firing.py --n 1000 \
             --cases benchmarks/results/compare-counterfact-1000.cases.json \

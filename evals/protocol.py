@@ -11,6 +11,7 @@ Every editor starts from the unedited model and is restored (checked by fingerpr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -111,6 +112,9 @@ def evaluate_unedited(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], p
     return {"points": _points(ds, protocol, cases), "eval_seconds": seconds, "cases": cases}
 
 
+STATE_KEYS = {"done", "edit_seconds", "eval_seconds", "points", "cases", "resumed_at"}
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """Where a sequential row keeps its state after every edit batch but the last, so that a row cut
@@ -119,8 +123,9 @@ class Checkpoint:
     ``path``: a folder holding the editor's artifact (``editor/``, :meth:`Editor.save`) and
     ``state.json`` (edits made, clocks, metrics and per-case scores so far), replaced atomically as
     one; ``run``: the identity of the run and row (a hash of the header, editor and hyperparameters).
-    A saved state of another run is ignored. Continuing gives the same row as one uninterrupted run:
-    the artifacts restore the editor's state exactly.
+    A saved state of another run, or one that cannot be read back, is ignored (the row starts over).
+    Continuing gives the same metrics and per-case scores as one uninterrupted run (the artifacts
+    restore the editor's state exactly); only the clocks and ``resumed_at`` tell them apart.
     """
 
     path: Path
@@ -132,9 +137,13 @@ class Checkpoint:
             state = json.loads((self.path / "state.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return None
-        if not isinstance(state, dict) or state.get("run") != self.run:
+        if not isinstance(state, dict) or state.get("run") != self.run or not STATE_KEYS <= state.keys():
             return None
-        return editor_cls.load(lm, self.path / "editor"), state
+        try:
+            return editor_cls.load(lm, self.path / "editor"), state
+        except (ValueError, KeyError, OSError):  # a corrupt artifact (ArtifactError is a ValueError)
+            self.clear()
+            return None
 
     def save(self, editor: Editor, state: dict[str, Any]) -> None:
         def fill(tmp: Path) -> None:
@@ -144,7 +153,12 @@ class Checkpoint:
         write_folder(self.path, fill)
 
     def clear(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the saved state and what an interrupted save left beside it."""
+        for p in [self.path, *self.path.parent.glob(f"{self.path.name}.tmp-*"),
+                  *self.path.parent.glob(f"{self.path.name}.old-*")]:
+            shutil.rmtree(p, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the run's folder, once no row has a partial state
+            self.path.parent.rmdir()
 
 
 def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: Dataset, records: list[EvalRecord],

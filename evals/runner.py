@@ -227,6 +227,9 @@ def _drive(out: Path, head: dict[str, Any], editors: dict[str, tuple[type[Editor
     sources += [(p, "--rows-from") for p in rows_from or [] if not (sources and p.resolve() == out.resolve())]
     if sources:
         result["pre"], result["editors"], cases = _gather(head, editors, sources)
+    for name in result["editors"]:  # a row already held needs no partial state
+        if saved and name in editors:
+            saved(name)
     if result["pre"] is None:
         if started:
             started("unedited model")

@@ -393,7 +393,7 @@ class _Suffix:
         w = self.ids.shape[1] if width is None else width
         cut = self.mask.shape[1] - self.ids.shape[1]
         return _Suffix(self.ids[r, :w], self.mask[r, : cut + w], self.pos[r, :w], self.block[r, :w], self.site[r],
-                       [(a[r], b[r]) for a, b in self.prefix], self.row_fact[rows], loss, kl_index)
+                       [(k_[r], v_[r]) for k_, v_ in self.prefix], self.row_fact[rows], loss, kl_index)
 
     def split(self, live: torch.Tensor, anchor: int) -> tuple[_Suffix, _Suffix]:
         """The rows of the facts marked in ``live`` (``[F]`` bool) as two passes: the rewriting rows,

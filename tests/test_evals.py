@@ -262,9 +262,10 @@ def test_a_row_cut_short_continues_from_its_last_batch(tmp_path, monkeypatch):
     from neuraldb.neuraldb_editor import NeuralDBEditor
 
     ds, opts, lm = _two_cases()
-    protocol = Protocol("counterfact", (2,), 1)  # two batches of one fact
-    both = runner.editor_hparams(lm, ["neuraldb", "alphaedit"], ["neuraldb:steps=2", "neuraldb:layer=1",
-                                                                 "alphaedit:steps=2", "alphaedit:layers=1,2"], 1)
+    protocol = Protocol("counterfact", (1, 2), 1)  # two batches of one fact, evaluated after each
+    names = ["neuraldb", "alphaedit", "memit"]
+    both = runner.editor_hparams(lm, names, ["neuraldb:steps=2", "neuraldb:layer=1", "alphaedit:steps=2",
+                                             "alphaedit:layers=1,2", "memit:steps=2", "memit:layers=1,2"], 1)
     whole = runner.run(lm, ds, both, protocol, opts, tmp_path / "whole.json")
     second = ds.records[1].request.id
 
@@ -274,11 +275,11 @@ def test_a_row_cut_short_continues_from_its_last_batch(tmp_path, monkeypatch):
     stopped: set[type] = set()
 
     def stop_before_second_batch(*classes: type) -> None:
-        for cls in classes:  # each is stopped once
+        for cls in classes:  # each editor is stopped once
 
-            def edit(self, requests, *args, real=cls.edit, cls=cls, **kwargs):
-                if requests[0].id == second and cls not in stopped:
-                    stopped.add(cls)
+            def edit(self, requests, *args, real=cls.edit, **kwargs):
+                if requests[0].id == second and type(self) not in stopped:
+                    stopped.add(type(self))
                     raise Stopped
                 return real(self, requests, *args, **kwargs)
 
@@ -292,11 +293,15 @@ def test_a_row_cut_short_continues_from_its_last_batch(tmp_path, monkeypatch):
     with pytest.raises(Stopped):  # neuraldb's row continues and is saved; alphaedit's is cut
         runner.run(lm, ds, both, protocol, opts, out, resume=True)
     assert not (partial / "neuraldb").exists() and (partial / "alphaedit" / "editor").is_dir()
+    with pytest.raises(Stopped):  # alphaedit's row continues; memit's is cut
+        runner.run(lm, ds, both, protocol, opts, out, resume=True)
+    # a saved state that does not read back (here: a corrupt tensor file) is dropped, the row starts over
+    (partial / "memit" / "editor" / "tensors.safetensors").write_bytes(b"junk")
     done = runner.run(lm, ds, both, protocol, opts, out, resume=True)
-    assert not (partial / "alphaedit").exists()
-    for name in both:  # the same numbers as an uninterrupted run
+    assert not partial.exists()
+    for name in both:  # the same numbers as an uninterrupted run, at both N
         assert done["editors"][name]["points"] == whole["editors"][name]["points"]
-        assert done["editors"][name]["resumed_at"] == [1]
+        assert done["editors"][name].get("resumed_at") == ([1] if name != "memit" else None)
     cases = json.loads(runner.cases_path(out).read_text())
     assert cases == json.loads(runner.cases_path(tmp_path / "whole.json").read_text())
     # without --resume a partial row is not continued: the row starts over
