@@ -87,7 +87,8 @@ def trace_all(lm: LoadedModel, g: gate.GatedProjection, layer: int, rows: list[E
 
 
 def fires_own(t: Trace, own: int, gamma: float) -> bool:
-    return any(int(t.index[p]) == own and float(t.cosine[p]) > gamma for p in t.scored())
+    n = len(t.scored())
+    return bool(((t.index[:n] == own) & (t.cosine[:n] > gamma)).any())
 
 
 WHO = ("own", "mentioned", "same_ending", "unrelated")
