@@ -3,7 +3,9 @@
 Conventions (MEMIT / AlphaEdit): the prompt is tokenised with the tokenizer's special tokens
 (BOS where it adds one) and the target separately without them, and the two id lists are
 concatenated, so the first target token never merges with the prompt. The subject's last token
-is found through character offsets, which is BOS-aware by construction.
+is found through character offsets, which is BOS-aware by construction. A token that merges the
+subject's end with the text after it (``")?"``) is not the subject's last token, although MEMIT's
+index arithmetic (prefix and subject tokenised apart) lands on it: see :func:`subject_last_token`.
 """
 
 from __future__ import annotations
@@ -34,11 +36,19 @@ class Encoded:
 
 
 def subject_last_token(offsets: list[tuple[int, int]], start: int, end: int) -> int:
-    """Index of the last token overlapping characters ``[start, end)`` of the text."""
+    """Index of the subject's last token: the last token overlapping characters ``[start, end)``
+    that ends inside the subject.
+
+    A token that runs past the subject's end merges the subject's last characters with the text
+    after it (``")?"`` in "… (APA-56)?"); its key is mostly that text's, so it would match the
+    same punctuation in every other prompt. Such a token is skipped unless it is the subject's only
+    one.
+    """
     hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     if not hits:
         raise ValueError(f"no token covers characters {start}..{end}")
-    return hits[-1]
+    inside = [i for i in hits if offsets[i][1] <= end]
+    return inside[-1] if inside else hits[-1]
 
 
 def encode(

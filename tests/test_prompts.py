@@ -1,0 +1,44 @@
+"""Where a subject's key is read when its last token merges with the text after it."""
+
+from __future__ import annotations
+
+import torch
+
+from neuraldb.facts import EditRequest
+from neuraldb.hooks import capture
+from neuraldb.keys import subject_keys
+from neuraldb.prompts import encode, encode_with_subject, subject_last_token
+
+
+def test_a_token_running_past_the_subject_is_skipped():
+    # "made (A-5)?" as tokens "made", " (", "A", "-", "5", ")?"; the subject is "(A-5)" = chars 4..10
+    offsets = [(0, 4), (4, 6), (6, 7), (7, 8), (8, 9), (9, 11)]
+    assert subject_last_token(offsets, 4, 10) == 4  # "5", not ")?"
+    assert subject_last_token(offsets, 4, 11) == 5  # the subject "(A-5)?" ends with that token
+    assert subject_last_token([(0, 4), (4, 6)], 4, 5) == 1  # the subject's only token: kept
+
+
+def test_merged_punctuation_does_not_become_a_key(smollm2):
+    """ZsRE "What company made USS Leedstown (APA-56)?": SmolLM2 tokenises ")?" as one token. A key
+    read there is a question mark's key and fired on the "?" of unrelated questions (cosine ≈ 0.75 >
+    γ); the key read at the subject's own last token does not."""
+    tok = smollm2.tokenizer
+    req = EditRequest("ship", "What company made {}?", "USS Leedstown (APA-56)", " Bethlehem Steel")
+    e = encode_with_subject(tok, req.template, req.subject)
+    assert tok.decode([e.ids[e.subject_last]]) == "6"
+    assert tok.decode([e.ids[e.subject_last + 1]]) == ")?"
+    layer = 6
+    key = subject_keys(smollm2, [req], ["{}"], [layer]).keys[layer][0]
+    other = encode(tok, "What country is Shmavon Shmavonyan from?")
+    with torch.no_grad(), capture(smollm2.model, inputs={"k": smollm2.arch.w_out_path(layer)}) as got:
+        smollm2.model(torch.tensor([other.ids]))
+    keys = torch.nn.functional.normalize(got["k"][0].float(), dim=-1)
+    merged = torch.nn.functional.normalize(_key_at(smollm2, e.ids, e.subject_last + 1, layer), dim=0)
+    assert float((keys @ merged)[-1]) > 0.65  # what the old rule stored would fire on "?"
+    assert float((keys @ torch.nn.functional.normalize(key, dim=0)).max()) < 0.65
+
+
+def _key_at(lm, ids: tuple[int, ...], pos: int, layer: int) -> torch.Tensor:
+    with torch.no_grad(), capture(lm.model, inputs={"k": lm.arch.w_out_path(layer)}) as got:
+        lm.model(torch.tensor([ids]))
+    return got["k"][0, pos].float()
