@@ -11,10 +11,10 @@ from neuraldb.prompts import encode, encode_with_subject, subject_last_token
 
 
 def test_a_token_running_past_the_subject_is_skipped():
-    # "made (A-5)?" as tokens "made", " (", "A", "-", "5", ")?"; the subject is "(A-5)" = chars 4..10
+    # "made (A-5)?" as tokens "made", " (", "A", "-", "5", ")?"; the subject "(A-5)" is chars 5..10
     offsets = [(0, 4), (4, 6), (6, 7), (7, 8), (8, 9), (9, 11)]
-    assert subject_last_token(offsets, 4, 10) == 4  # "5", not ")?"
-    assert subject_last_token(offsets, 4, 11) == 5  # the subject "(A-5)?" ends with that token
+    assert subject_last_token(offsets, 5, 10) == 4  # "5", not ")?"
+    assert subject_last_token(offsets, 5, 11) == 5  # the subject "(A-5)?" ends with that token
     assert subject_last_token([(0, 4), (4, 6)], 4, 5) == 1  # the subject's only token: kept
 
 
@@ -29,16 +29,14 @@ def test_merged_punctuation_does_not_become_a_key(smollm2):
     assert tok.decode([e.ids[e.subject_last + 1]]) == ")?"
     layer = 6
     key = subject_keys(smollm2, [req], ["{}"], [layer]).keys[layer][0]
-    other = encode(tok, "What country is Shmavon Shmavonyan from?")
-    with torch.no_grad(), capture(smollm2.model, inputs={"k": smollm2.arch.w_out_path(layer)}) as got:
-        smollm2.model(torch.tensor([other.ids]))
-    keys = torch.nn.functional.normalize(got["k"][0].float(), dim=-1)
-    merged = torch.nn.functional.normalize(_key_at(smollm2, e.ids, e.subject_last + 1, layer), dim=0)
-    assert float((keys @ merged)[-1]) > 0.65  # what the old rule stored would fire on "?"
-    assert float((keys @ torch.nn.functional.normalize(key, dim=0)).max()) < 0.65
+    other = _keys(smollm2, encode(tok, "What country is Shmavon Shmavonyan from?").ids, layer)
+    merged = _keys(smollm2, e.ids, layer)[e.subject_last + 1]
+    assert float(other[-1] @ merged) > 0.65  # what the old rule stored would fire on "?"
+    assert float((other @ torch.nn.functional.normalize(key, dim=0)).max()) < 0.65
 
 
-def _key_at(lm, ids: tuple[int, ...], pos: int, layer: int) -> torch.Tensor:
+def _keys(lm, ids: tuple[int, ...], layer: int) -> torch.Tensor:
+    """Unit-norm FFN keys ``[seq, d_ff]`` of ``ids`` at ``layer``."""
     with torch.no_grad(), capture(lm.model, inputs={"k": lm.arch.w_out_path(layer)}) as got:
         lm.model(torch.tensor([ids]))
-    return got["k"][0, pos].float()
+    return torch.nn.functional.normalize(got["k"][0].float(), dim=-1)
