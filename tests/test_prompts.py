@@ -20,8 +20,8 @@ def test_a_token_running_past_the_subject_is_skipped():
 
 def test_merged_punctuation_does_not_become_a_key(smollm2):
     """ZsRE "What company made USS Leedstown (APA-56)?": SmolLM2 tokenises ")?" as one token. A key
-    read there is a question mark's key and fired on the "?" of unrelated questions (cosine ≈ 0.75 >
-    γ); the key read at the subject's own last token does not."""
+    read there is a question mark's key: its cosine with an unrelated question's "?" is above γ.
+    The key read at the subject's own last token stays below γ on every token of that question."""
     tok = smollm2.tokenizer
     req = EditRequest("ship", "What company made {}?", "USS Leedstown (APA-56)", " Bethlehem Steel")
     e = encode_with_subject(tok, req.template, req.subject)
