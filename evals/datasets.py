@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from evals.knowedit import Probe, probes
 from neuraldb.data import DataNotFoundError, data_dir
 from neuraldb.facts import EditRequest, FactFileError, parse_record
 from neuraldb.files import sha256_file
@@ -32,13 +33,15 @@ class EvalRecord:
     ``request.paraphrases`` (generalisation prompts) and ``request.locality`` ((prompt, answer)
     pairs that must not change: CounterFact neighbourhood prompts with the true object, ZsRE's NQ
     question with its gold answer). ``generation_prompts`` feed fluency and consistency;
-    ``relation_id`` / ``target_new_id`` key the consistency reference texts.
+    ``relation_id`` / ``target_new_id`` key the consistency reference texts; ``probes``: KnowEdit's
+    portability and locality prompts by kind (:mod:`evals.knowedit`), scored when present.
     """
 
     request: EditRequest
     generation_prompts: tuple[str, ...] = ()
     relation_id: str | None = None
     target_new_id: str | None = None
+    probes: tuple[Probe, ...] = ()
 
 
 Parser = Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]
@@ -53,8 +56,16 @@ def _rome(rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _plain(rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """MEND-format CounterFact (one rephrase, one locality prompt) and KnowEdit — plain facts."""
+    """MEND-format CounterFact (one rephrase, one locality prompt) — plain facts."""
     return rec, {}
+
+
+def _knowedit(rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """KnowEdit (EasyEdit format): a plain fact whose ``locality`` prompts (all kinds together) are the
+    CounterFact-style neighbourhood, plus its probes by kind and the edit prompt as the generation
+    prompt of KnowEdit's fluency."""
+    prompt = rec.get("prompt")
+    return rec, {"probes": probes(rec), "generation_prompts": (prompt,) if isinstance(prompt, str) else ()}
 
 
 def _zsre(target: str) -> Parser:
@@ -106,10 +117,13 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
                 "ZsRE with EasyEdit's target (`alt`)"),
     DatasetSpec("zsre-train", "zsre", (("zsre/zsre_mend_train-1k.json",),), _zsre("answer"),
                 "ZsRE, 1,000 training records (for tuning, not reporting)"),
-    DatasetSpec("knowedit-zsre", "zsre", (("knowedit/ZsRE/ZsRE-test-all.json",),), _plain,
-                "KnowEdit ZsRE test (locality: relation-specificity prompts with gold answers)"),
-    DatasetSpec("knowedit-cf", "counterfact", (("knowedit/wiki_counterfact/test_cf.json",),), _plain,
-                "KnowEdit WikiData_Counterfact test (not ROME CounterFact)"),
+    DatasetSpec("knowedit-zsre", "zsre", (("knowedit/ZsRE/ZsRE-test-all.json",),), _knowedit,
+                "KnowEdit ZsRE test (locality: relation-specificity prompts with gold answers; KnowEdit's "
+                "portability and locality by kind)"),
+    DatasetSpec("knowedit-cf", "counterfact", (("knowedit/wiki_counterfact/test_cf.json",),), _knowedit,
+                "KnowEdit WikiData_Counterfact test (not ROME CounterFact; KnowEdit's portability and locality by kind)"),
+    DatasetSpec("knowedit-cf-train", "counterfact", (("knowedit/wiki_counterfact/train_cf.json",),), _knowedit,
+                "KnowEdit WikiData_Counterfact training records (for tuning, not reporting; no rephrase prompts)"),
 )}
 
 

@@ -5,7 +5,9 @@ One call scores every prompt of every record in length-grouped batches
 log-probabilities of the new and the true object (§7.1), ZsRE cases by teacher-forced token
 accuracy (§7.2). Generations for fluency / consistency are sampled for every
 ``generation_every``-th case that has generation prompts (ROME's ``generation_test_interval``).
-Per-case scores are kept so that metrics for the first N cases can be computed at any N.
+Per-case scores are kept so that metrics for the first N cases can be computed at any N. Records
+with KnowEdit probes are also scored by KnowEdit's definitions (:mod:`evals.knowedit`), whose
+locality compares each case with the same case on the unedited model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from evals import knowedit
 from evals.consistency import ReferenceTexts
 from evals.datasets import EvalRecord, Kind
 from evals.generate import sample_texts
@@ -42,7 +45,12 @@ class EvalOptions:
 
 
 def case_pairs(kind: Kind, rec: EvalRecord) -> list[tuple[str, str]]:
-    """The (prompt, candidate) pairs a case needs, in a fixed order."""
+    """The (prompt, candidate) pairs a case needs, in a fixed order: the benchmark's own, then
+    those of its KnowEdit probes (:func:`evals.knowedit.pairs`)."""
+    return _own_pairs(kind, rec) + knowedit.pairs(rec.probes)
+
+
+def _own_pairs(kind: Kind, rec: EvalRecord) -> list[tuple[str, str]]:
     r = rec.request
     if kind == "zsre":
         return [(r.prompt, r.target_new), *((p, r.target_new) for p in r.paraphrases), *r.locality]
@@ -56,7 +64,16 @@ def case_pairs(kind: Kind, rec: EvalRecord) -> list[tuple[str, str]]:
 
 
 def _case(kind: Kind, rec: EvalRecord, s: list[CandidateScore]) -> dict[str, Any]:
-    """Raw per-case scores as JSON: CounterFact [lp_new, lp_true] pairs, ZsRE token accuracies."""
+    """Raw per-case scores as JSON: CounterFact [lp_new, lp_true] pairs, ZsRE token accuracies, and
+    KnowEdit's fields for a record with probes (``s[0]`` is always the edit prompt's new target)."""
+    own = len(_own_pairs(kind, rec))
+    case = _own_case(kind, rec, s[:own])
+    if rec.probes:
+        case |= knowedit.case_fields(s[0], rec.probes, s[own:])
+    return case
+
+
+def _own_case(kind: Kind, rec: EvalRecord, s: list[CandidateScore]) -> dict[str, Any]:
     r = rec.request
     if kind == "zsre":
         acc = [sum(c.correct) / len(c.correct) for c in s]
@@ -86,7 +103,7 @@ def score_records(lm: LoadedModel, kind: Kind, records: Sequence[EvalRecord], op
     for rec, pairs in zip(records, per_case):
         cases.append(_case(kind, rec, scores[pos : pos + len(pairs)]))
         pos += len(pairs)
-    if kind == "counterfact" and opts.generation_every:
+    if opts.generation_every:
         _generate(lm, records, cases, opts, references, progress, offset)
     return cases
 
@@ -111,14 +128,21 @@ def _generate(lm: LoadedModel, records: Sequence[EvalRecord], cases: list[dict[s
             progress("generation", n + 1, len(chosen))
 
 
-def metrics(kind: Kind, cases: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """Metrics (×100) of per-case scores; unavailable families are None."""
+def metrics(kind: Kind, cases: Sequence[dict[str, Any]],
+            reference: Sequence[dict[str, Any]] | None = None) -> dict[str, float | None]:
+    """Metrics (×100) of per-case scores; unavailable families are None. Cases with KnowEdit
+    fields also get KnowEdit's metrics, their locality against ``reference`` (the unedited model's
+    cases; None: ``cases`` are the unedited model's)."""
     if kind == "zsre":
         out = zsre_metrics([ZsreCase(c["rewrite"], tuple(c["paraphrase"]), tuple(c["neighborhood"])) for c in cases])
+        if any(c.get("texts") for c in cases):
+            out["fluency"] = fluency_by_case([c.get("texts", ()) for c in cases])
     else:
         out = counterfact_metrics([CaseScores(tuple(c["rewrite"]), tuple(map(tuple, c["paraphrase"])),
                                               tuple(map(tuple, c["neighborhood"]))) for c in cases])
         out["fluency"] = fluency_by_case([c.get("texts", ()) for c in cases])
         rs = [c["consistency"] for c in cases if c.get("consistency") is not None]
         out["consistency"] = pct(sum(rs) / len(rs)) if rs else None
+    if cases and all("edit_acc" in c for c in cases):
+        out |= knowedit.metrics(cases, cases if reference is None else reference)
     return out

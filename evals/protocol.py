@@ -100,8 +100,9 @@ def _evaluate(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], opts: Eva
     return cases, time.perf_counter() - t
 
 
-def _points(ds: Dataset, protocol: Protocol, cases: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    return {str(n): metrics(ds.kind, cases[:n]) for n in protocol.n}
+def _points(ds: Dataset, protocol: Protocol, cases: list[dict[str, Any]],
+            reference: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float | None]]:
+    return {str(n): metrics(ds.kind, cases[:n], reference) for n in protocol.n}
 
 
 def evaluate_unedited(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], protocol: Protocol,
@@ -164,7 +165,8 @@ class Checkpoint:
 def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: Dataset, records: list[EvalRecord],
                protocol: Protocol, opts: EvalOptions, refs: ReferenceTexts | None = None,
                report: Report | None = None, prepare: Callable[[Editor], None] | None = None,
-               after: Callable[[], Any] | None = None, checkpoint: Checkpoint | None = None) -> dict[str, Any]:
+               after: Callable[[], Any] | None = None, checkpoint: Checkpoint | None = None,
+               reference: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Edit ``records`` with one editor under ``protocol``, evaluate at every N, restore the model.
 
     Returns ``{"hparams", "points": {N: metrics}, "edit_seconds", "eval_seconds", "cases"}`` where
@@ -172,8 +174,9 @@ def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: 
     its result on the model holding all edits is added as ``"general"``. ``checkpoint`` (sequential
     protocol only): continue from its saved state when it has one for this run, and save the state
     there after every batch but the last (the caller clears it once the row is saved); the row then
-    lists in ``"resumed_at"`` the numbers of edits it was continued from. Raises RuntimeError when
-    the editor does not give the unedited model back.
+    lists in ``"resumed_at"`` the numbers of edits it was continued from. ``reference``: the
+    unedited row's per-case scores, which metrics comparing with the unedited model read (KnowEdit's
+    locality). Raises RuntimeError when the editor does not give the unedited model back.
     """
     base = lm.fingerprint
     requests: list[EditRequest] = [r.request for r in records]
@@ -209,7 +212,7 @@ def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: 
             elif end in protocol.n:
                 got, s = _evaluate(lm, ds, records[:end], opts, refs, None)
                 state["eval_seconds"] += s
-                state["points"][str(end)] = metrics(ds.kind, got)
+                state["points"][str(end)] = metrics(ds.kind, got, reference)
                 state["cases"] = got
             state["done"] = end
             if checkpoint and end < chunks[-1][1]:
@@ -220,7 +223,7 @@ def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: 
         editor.restore()
     if fingerprint(lm.model) != base:
         raise RuntimeError(f"{editor_cls.name} did not restore the unedited model")
-    points = state["points"] if protocol.sequential else _points(ds, protocol, state["cases"])
+    points = state["points"] if protocol.sequential else _points(ds, protocol, state["cases"], reference)
     row = {"hparams": editor.hparams.to_dict(), "points": points, "edit_seconds": state["edit_seconds"],
            "eval_seconds": state["eval_seconds"], "edits": len(requests), "cases": state["cases"]}
     return (row | ({"general": general} if general is not None else {})

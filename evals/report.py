@@ -23,7 +23,21 @@ COLUMNS = {
     "mquake": [("edit_wise", "Edit-wise"), ("instance_wise", "Instance-wise"), ("multihop", "Multi-hop"),
                ("multihop_cot", "Multi-hop CoT")],
 }
+# A data set with KnowEdit probes (evals.knowedit) gets these columns after its own (no consistency).
+KNOWEDIT_COLUMNS = [("edit_succ", "Edit Succ."), ("portability_subject_aliasing", "Port. alias"),
+                    ("portability_reasoning", "Port. reason"), ("portability_logical_generalization", "Port. logic"),
+                    ("locality_relation_specificity", "Loc. relation"), ("locality_forgetfulness", "Loc. forget")]
 NAMES = {"neuraldb": "NeuralDB", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
+
+
+def columns(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric, label) of the table of ``result``: its kind's, and KnowEdit's when it has them."""
+    cols = COLUMNS[result["dataset"]["kind"]]
+    pre = result["pre"]["points"] if result.get("pre") else {}
+    if any("edit_succ" in point for point in pre.values()):
+        own = [c for c in cols if c[0] not in ("consistency", "score", "fluency")]
+        return own + KNOWEDIT_COLUMNS + [("fluency", "Fluency")]
+    return cols
 
 
 def _fmt(v: float | None) -> str:
@@ -32,8 +46,7 @@ def _fmt(v: float | None) -> str:
 
 def rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: Pre-edited, then each editor; cells "a → b" over the evaluated N."""
-    kind = result["dataset"]["kind"]
-    cols = COLUMNS[kind]
+    cols = columns(result)
     ns = [str(n) for n in result["protocol"]["n"]]
     entries = [("Pre-edited", result["pre"])] + [(NAMES.get(k, k), v) for k, v in result["editors"].items()]
     out = []
@@ -128,7 +141,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = [(k, label) for k, label in COLUMNS[result["dataset"]["kind"]]
+    cols = [(k, label) for k, label in columns(result)
             if any(e["points"].get(n, {}).get(k) is not None for e in result["editors"].values() for n in ns)]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.0), squeeze=False)
     x = [int(n) for n in ns]
@@ -154,7 +167,9 @@ COMPARABLE = [("model", "model", "fingerprint"), ("dataset", "dataset", "name"),
               ("records", "dataset", "records_sha256"), ("protocol", "protocol", "n"),
               ("batch size", "protocol", "batch_size"), ("protocol", "protocol", "sequential")]
 GATED = ("efficacy", "generalization", "specificity", "fluency", "consistency",
-         "edit_wise", "instance_wise", "multihop", "multihop_cot")
+         "edit_wise", "instance_wise", "multihop", "multihop_cot", "edit_succ", "portability_subject_aliasing",
+         "portability_reasoning", "portability_logical_generalization", "locality_relation_specificity",
+         "locality_forgetfulness")
 
 
 def check(result: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> list[str]:

@@ -193,12 +193,12 @@ def run(lm: LoadedModel, ds: Dataset, editors: dict[str, tuple[type[Editor], Hpa
             pre["general"] = general.run(lm)
         return pre
 
-    def edited(cls: type[Editor], hp: Hparams) -> dict[str, Any]:
+    def edited(cls: type[Editor], hp: Hparams, pre_cases: list[dict[str, Any]]) -> dict[str, Any]:
         after = (lambda: general.run(lm)) if general is not None else None
         ck = checkpoint(out, head, cls.name, hp)
         if not resume:
             ck.clear()
-        return run_editor(lm, cls, hp, ds, records, protocol, opts, refs, report, prepare, after, ck)
+        return run_editor(lm, cls, hp, ds, records, protocol, opts, refs, report, prepare, after, ck, pre_cases)
 
     def saved(name: str) -> None:
         checkpoint(out, head, name, editors[name][1]).clear()
@@ -214,12 +214,14 @@ def checkpoint(out: Path, head: dict[str, Any], name: str, hp: Hparams) -> Check
 
 
 def _drive(out: Path, head: dict[str, Any], editors: dict[str, tuple[type[Editor], Hparams]], resume: bool,
-           unedited: Callable[[], dict[str, Any]], edited: Callable[[type[Editor], Hparams], dict[str, Any]],
+           unedited: Callable[[], dict[str, Any]],
+           edited: Callable[[type[Editor], Hparams, list[dict[str, Any]]], dict[str, Any]],
            started: Callable[[str], None] | None, rows_from: list[Path] | None = None,
            saved: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The unedited row, then each editor's row (each a dict with its per-case ``"cases"``), saved
     after every row (then ``saved(name)`` is called); rows of an identical saved run are reused
-    with ``resume``, and taken from the files ``rows_from``."""
+    with ``resume``, and taken from the files ``rows_from``. ``edited`` gets the unedited row's
+    per-case scores too."""
     result: dict[str, Any] = head | {"pre": None, "editors": {}}
     cases: dict[str, Any] = {}
     sources = [(out, "--resume")] if resume and out.is_file() else []
@@ -242,7 +244,7 @@ def _drive(out: Path, head: dict[str, Any], editors: dict[str, tuple[type[Editor
             continue
         if started:
             started(name)
-        row = edited(cls, hp)
+        row = edited(cls, hp, cases["pre"])
         cases[name] = row.pop("cases")
         result["editors"][name] = row
         _save(out, result, cases)
@@ -291,7 +293,7 @@ def run_mquake(lm: LoadedModel, name: str, editors: dict[str, tuple[type[Editor]
         got = mquake.score(lm, chosen, prompts, edited=False, opts=opts)
         return {"points": {str(n): mquake.metrics(got)}, "eval_seconds": time.perf_counter() - t, "cases": got}
 
-    def edited(cls: type[Editor], hp: Hparams) -> dict[str, Any]:
+    def edited(cls: type[Editor], hp: Hparams, _pre: list[dict[str, Any]]) -> dict[str, Any]:
         row = mquake.run_editor(lm, cls, hp, chosen, group, prompts, opts, report)
         row["points"] = {str(n): row.pop("metrics")}
         return row

@@ -86,7 +86,9 @@ def _text(value: Any) -> str | None:
     return value
 
 
-def _target(value: Any) -> str | None:
+def target_text(value: Any) -> str | None:
+    """A target as stored: its first string (see :func:`_text`), right-stripped, with one leading
+    space (BPE convention); ``""`` for a blank one, None for none."""
     text = _text(value)
     if text is None:
         return None
@@ -102,7 +104,7 @@ def _record_fields(rec: dict[str, Any]) -> dict[str, Any]:
         rw = rec["requested_rewrite"]
         if isinstance(rw, list):
             rw = rw[0]
-        true = _target(rw.get("target_true"))
+        true = target_text(rw.get("target_true"))
         return {
             "id": rec.get("id", rec.get("case_id")), "prompt": rw.get("prompt"), "subject": rw.get("subject"),
             "target_new": rw.get("target_new"), "target_true": rw.get("target_true"),
@@ -145,8 +147,8 @@ def parse_record(rec: Any) -> EditRequest:
             raise FactFileError(f"{name}: missing or empty")
     prompt, subject = f["prompt"], f["subject"].strip()
     try:
-        target_new = _target(f["target_new"])
-        target_true = _target(f["target_true"])
+        target_new = target_text(f["target_new"])
+        target_true = target_text(f["target_true"])
     except TypeError as e:
         raise FactFileError(f"target: {e}") from None
     if not target_new:
@@ -162,7 +164,7 @@ def parse_record(rec: Any) -> EditRequest:
             raise FactFileError("locality: expected (prompt, answer) pairs")
         p, a = pair
         try:
-            a = _target(a)
+            a = target_text(a)
         except TypeError as e:
             raise FactFileError(f"locality: answer {e}") from None
         if isinstance(p, str) and a:

@@ -23,11 +23,12 @@ class CandidateScore:
     """How the model scores one candidate o = (o_1..o_T) after its prompt.
 
     ``mean_logprob``: (1/T)·Σ_t log P(o_t | p, o_<t); ``correct``: per target token, whether it is
-    the teacher-forced argmax (length T).
+    the teacher-forced argmax (length T); ``argmax``: the teacher-forced argmax token ids (length T).
     """
 
     mean_logprob: float
     correct: tuple[bool, ...]
+    argmax: tuple[int, ...] = ()
 
 
 @torch.no_grad()
@@ -46,11 +47,19 @@ def score_candidates(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: 
         by_prompt.setdefault(e.ids[: e.n_prompt], []).append(i)
     prompts = sorted(by_prompt, key=len)
     token_lp: list[list[float]] = [[0.0] * e.n_target for e in encoded]
-    hit: list[list[bool]] = [[False] * e.n_target for e in encoded]
+    top: list[list[int]] = [[-1] * e.n_target for e in encoded]
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        _score_chunk(lm, chunk, [by_prompt[p] for p in chunk], encoded, token_lp, hit, batch_size)
-    return [CandidateScore(sum(lp) / len(lp), tuple(ok)) for lp, ok in zip(token_lp, hit)]
+        _score_chunk(lm, chunk, [by_prompt[p] for p in chunk], encoded, token_lp, top, batch_size)
+    return _scores(encoded, token_lp, top)
+
+
+def _scores(encoded: list[Encoded], token_lp: list[list[float]], top: list[list[int]]) -> list[CandidateScore]:
+    out = []
+    for e, lp, ids in zip(encoded, token_lp, top):
+        target = e.ids[e.n_prompt:]
+        out.append(CandidateScore(sum(lp) / len(lp), tuple(a == b for a, b in zip(ids, target)), tuple(ids)))
+    return out
 
 
 def _encode_pairs(lm: LoadedModel, pairs: list[tuple[str, str]]) -> list[Encoded]:
@@ -61,17 +70,17 @@ def _encode_pairs(lm: LoadedModel, pairs: list[tuple[str, str]]) -> list[Encoded
     return encoded
 
 
-def _read(lm: LoadedModel, hidden: torch.Tensor, tokens: list[int]) -> tuple[list[float], list[bool]]:
-    """Log-probability of ``tokens`` under the logits of ``hidden`` ``[n, d_model]``, and whether each is
-    the argmax."""
+def _read(lm: LoadedModel, hidden: torch.Tensor, tokens: list[int]) -> tuple[list[float], list[int]]:
+    """Log-probability of ``tokens`` under the logits of ``hidden`` ``[n, d_model]``, and the argmax
+    token id at each row."""
     logp = torch.log_softmax(lm.logits(hidden).float(), -1)
     target = torch.tensor(tokens, device=hidden.device).view(-1, 1)
-    return logp.gather(1, target).squeeze(1).cpu().tolist(), (logp.argmax(-1) == target[:, 0]).cpu().tolist()
+    return logp.gather(1, target).squeeze(1).cpu().tolist(), logp.argmax(-1).cpu().tolist()
 
 
 def _score_chunk(lm: LoadedModel, prompts: list[tuple[int, ...]], members: list[list[int]], encoded: list[Encoded],
-                 token_lp: list[list[float]], hit: list[list[bool]], batch_size: int) -> None:
-    """Fill ``token_lp`` / ``hit`` for the pairs of ``prompts`` (``members[b]``: pair indices of prompt b)."""
+                 token_lp: list[list[float]], top: list[list[int]], batch_size: int) -> None:
+    """Fill ``token_lp`` / ``top`` for the pairs of ``prompts`` (``members[b]``: pair indices of prompt b)."""
     dev, pad = lm.device, lm.tokenizer.pad_token_id
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=dev)
@@ -82,21 +91,21 @@ def _score_chunk(lm: LoadedModel, prompts: list[tuple[int, ...]], members: list[
     first = [(b, i) for b, idx in enumerate(members) for i in idx]
     lp, ok = _read(lm, hidden[[b for b, _ in first]], [encoded[i].ids[encoded[i].n_prompt] for _, i in first])
     for (_, i), v, h in zip(first, lp, ok):
-        token_lp[i][0], hit[i][0] = v, h
+        token_lp[i][0], top[i][0] = v, h
     longer = [(b, i) for b, i in first if encoded[i].n_target > 1]
     kv = prefix_cache(cache, width)
     cached = all(k.shape[-2] == width for k, _ in kv)  # False: a sliding-window layer dropped positions
     for s in range(0, len(longer), batch_size):
         part = longer[s : s + batch_size]
         if cached:
-            _continue_candidates(lm, part, kv, mask, encoded, token_lp, hit)
+            _continue_candidates(lm, part, kv, mask, encoded, token_lp, top)
         else:  # run these pairs whole
-            _score_whole(lm, [i for _, i in part], encoded, token_lp, hit)
+            _score_whole(lm, [i for _, i in part], encoded, token_lp, top)
 
 
 def _continue_candidates(lm: LoadedModel, pairs: list[tuple[int, int]], kv: list[tuple[torch.Tensor, torch.Tensor]],
                          mask: torch.Tensor, encoded: list[Encoded], token_lp: list[list[float]],
-                         hit: list[list[bool]]) -> None:
+                         top: list[list[int]]) -> None:
     """Tokens 2..T of each candidate, run after its prompt's keys and values (``kv``: ``[prompts, heads,
     width, head_dim]`` per layer; ``pairs``: (prompt row, pair index)); candidates right-padded."""
     dev, pad = lm.device, lm.tokenizer.pad_token_id
@@ -115,11 +124,11 @@ def _continue_candidates(lm: LoadedModel, pairs: list[tuple[int, int]], kv: list
                    [encoded[pairs[r][1]].ids[encoded[pairs[r][1]].n_prompt + t + 1] for r, t in at])
     for (r, t), v, h in zip(at, lp, ok):
         i = pairs[r][1]
-        token_lp[i][t + 1], hit[i][t + 1] = v, h
+        token_lp[i][t + 1], top[i][t + 1] = v, h
 
 
 def _score_whole(lm: LoadedModel, idx: list[int], encoded: list[Encoded], token_lp: list[list[float]],
-                 hit: list[list[bool]], first: int = 1) -> None:
+                 top: list[list[int]], first: int = 1) -> None:
     """Tokens ``first``..T of the pairs ``idx``, each pair run as one right-padded sequence."""
     dev = lm.device
     chunk = [encoded[i] for i in idx]
@@ -130,7 +139,7 @@ def _score_whole(lm: LoadedModel, idx: list[int], encoded: list[Encoded], token_
     lp, ok = _read(lm, hidden[[r for r, _ in at], [chunk[r].n_prompt - 1 + t for r, t in at]],
                    [chunk[r].ids[chunk[r].n_prompt + t] for r, t in at])
     for (r, t), v, h in zip(at, lp, ok):
-        token_lp[idx[r]][t], hit[idx[r]][t] = v, h
+        token_lp[idx[r]][t], top[idx[r]][t] = v, h
 
 
 @torch.no_grad()
@@ -139,11 +148,11 @@ def score_whole_sequences(lm: LoadedModel, pairs: list[tuple[str, str]], batch_s
     (``batch_size`` per pass, grouped by length): the reference the benchmark compares against."""
     encoded = _encode_pairs(lm, pairs)
     token_lp: list[list[float]] = [[0.0] * e.n_target for e in encoded]
-    hit: list[list[bool]] = [[False] * e.n_target for e in encoded]
+    top: list[list[int]] = [[-1] * e.n_target for e in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     for start in range(0, len(order), batch_size):
-        _score_whole(lm, order[start : start + batch_size], encoded, token_lp, hit, first=0)
-    return [CandidateScore(sum(lp) / len(lp), tuple(ok)) for lp, ok in zip(token_lp, hit)]
+        _score_whole(lm, order[start : start + batch_size], encoded, token_lp, top, first=0)
+    return _scores(encoded, token_lp, top)
 
 
 def mean_logprobs(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 64) -> torch.Tensor:
