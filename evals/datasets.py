@@ -121,7 +121,8 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
                 "KnowEdit ZsRE test (locality: relation-specificity prompts with gold answers; KnowEdit's "
                 "portability and locality by kind)"),
     DatasetSpec("knowedit-cf", "counterfact", (("knowedit/wiki_counterfact/test_cf.json",),), _knowedit,
-                "KnowEdit WikiData_Counterfact test (not ROME CounterFact; KnowEdit's portability and locality by kind)"),
+                "KnowEdit WikiData_Counterfact test (not ROME CounterFact; KnowEdit's portability and locality "
+                "by kind)"),
     DatasetSpec("knowedit-cf-train", "counterfact", (("knowedit/wiki_counterfact/train_cf.json",),), _knowedit,
                 "KnowEdit WikiData_Counterfact training records (for tuning, not reporting; no rephrase prompts)"),
 )}

@@ -15,7 +15,8 @@ from tests.conftest import DATA, tiny_model
 RAW = [
     {"subject": "Michel Rocard", "prompt": "The language of Michel Rocard is", "target_new": "English",
      "ground_truth": "French", "rephrase": "Michel Rocard speaks the language",
-     "portability": {"Subject_Aliasing": [{"prompt": "The language of Rocard is", "ground_truth": [["English", "Eng"]]}],
+     "portability": {"Subject_Aliasing": [{"prompt": "The language of Rocard is",
+                                           "ground_truth": [["English", "Eng"]]}],
                      "Reasoning": [{"prompt": "The capital where Michel Rocard's language is spoken is",
                                     "ground_truth": [["London"]]},
                                    {"prompt": "Michel Rocard's language is spoken in", "ground_truth": "Berlin"}]},
