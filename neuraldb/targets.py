@@ -7,7 +7,14 @@ Loss per fact (MEMIT ``compute_z`` / ROME ``compute_v``, §2.1a of the methods b
     + weight_decay · ‖δ‖ / ‖v₀‖²,      subject to ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖
 
 where v₀ is the value δ is added to (the FFN output for ``site="ffn"``, the block output for
-``site="block"``) at the subject's last token of the bare prompt. Adam on δ only; a fact stops
+``site="block"``) at the subject's last token of the bare prompt. With ``keep_factor`` > 0 a term
+
+    + keep_factor · mean over the *keep* prompts of KL(P_δ ‖ P_0) at the prompt's last token
+
+asks the residual to leave the answers to other relations of the same subject alone: the keep
+prompts are :data:`KEEP_TEMPLATES` (generic relations, "{}'s mother is", …) filled with the
+subject; one whose unedited answer (top-1 token) equals the edit prompt's unedited answer probably
+asks the edited relation itself and is left out. Adam on δ only; a fact stops
 once its loss is below ``early_stop_loss``; the last iteration does not step.
 
 :func:`optimize` is the fast path: many facts per batch in one forward/backward, the layers up to
@@ -35,6 +42,16 @@ from neuraldb.prompts import Encoded, aligned_batch, encode_with_subject
 
 KL_TEMPLATE = "{} is a"
 
+# Generic relations of a subject whose answers an edit should not change (both word orders: the
+# subject's last token sees the relation only when it comes first). Written for this library, not
+# taken from any benchmark. keep_factor is off by default until a sweep on training records picks it.
+KEEP_TEMPLATES = (
+    "{} was born in the city of", "The mother of {} is", "{} is a citizen of", "The native language of {} is",
+    "{} works as a", "{} is located in the country of", "The gender of {} is", "{} died in",
+    "{} is a member of", "{} was founded by", "The official language of {} is", "{} plays the",
+    "The capital of {} is", "The religion of {} is", "{} is owned by", "The occupation of {} is",
+)
+
 Progress = Callable[[int], None]  # called with the number of facts finished
 
 
@@ -51,12 +68,23 @@ class TargetConfig:
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
     skip_first_token_keys: bool = True  # see average_keys
+    keep_factor: float = 0.0  # weight of the KL on other relations of the subject (0: off, MEMIT's loss)
+    keep_templates: tuple[str, ...] = KEEP_TEMPLATES
 
     def validate(self) -> None:
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
         if self.lr <= 0 or self.clamp_norm_factor <= 0:
             raise ValueError("lr and clamp_norm_factor must be positive")
+        if self.keep_factor < 0:
+            raise ValueError("keep_factor must be at least 0")
+        if bad := next((t for t in self.keep_templates if t.count("{}") != 1), None):
+            raise ValueError(f"keep template {bad!r} must hold exactly one {{}}")
+
+    @property
+    def keep(self) -> tuple[str, ...]:
+        """The keep templates in use (none when ``keep_factor`` is 0)."""
+        return self.keep_templates if self.keep_factor > 0 else ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,11 +102,13 @@ class TargetHparams(Hparams):
     n_templates: int = 5
     template_length: int = 10
     seed: int = 0
+    keep_factor: float = 0.0
 
     def target_config(self, layer: int, site: Literal["ffn", "block"], skip_first: bool = True) -> TargetConfig:
         return TargetConfig(layer=layer, site=site, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay,
                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                            early_stop_loss=self.early_stop_loss, skip_first_token_keys=skip_first)
+                            early_stop_loss=self.early_stop_loss, skip_first_token_keys=skip_first,
+                            keep_factor=self.keep_factor)
 
 
 @dataclass
@@ -118,7 +148,8 @@ class Rows:
     ``encoded[r]`` holds row r's input ids (prompt + target without its last token); for a
     rewriting row, ``targets[r]`` are its target ids, predicted from positions
     ``n_prompt - 1 + t``; ``kl`` lists the KL row of every fact (in fact order); ``bare`` the
-    bare-template row of every fact.
+    bare-template row of every fact; ``keep`` the keep rows (other relations of the subject, KL
+    at their last token), if any.
     """
 
     encoded: list[Encoded]
@@ -127,11 +158,14 @@ class Rows:
     kl: list[int]
     bare: list[int]
     templated: list[list[int]]
+    keep: list[int] = field(default_factory=list)
 
 
-def build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str], targets: bool = True) -> Rows:
-    """Rows of ``requests`` under every context template (``templates[0]`` is the bare "{}"), and
-    one KL row per fact. ``targets=False``: prompts only, no KL rows (enough for keys)."""
+def build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str], targets: bool = True,
+               keep: tuple[str, ...] = ()) -> Rows:
+    """Rows of ``requests`` under every context template (``templates[0]`` is the bare "{}"), one
+    KL row per fact, and one row per ``keep`` template. ``targets=False``: prompts only, no KL rows
+    (enough for keys)."""
     rows = Rows([], [], [], [], [], [])
     for i, req in enumerate(requests):
         rows.templated.append([])
@@ -151,6 +185,11 @@ def build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str
         rows.encoded.append(encode_with_subject(lm.tokenizer, KL_TEMPLATE, req.subject))
         rows.fact.append(i)
         rows.targets.append(())
+        for template in keep:
+            rows.keep.append(len(rows.encoded))
+            rows.encoded.append(encode_with_subject(lm.tokenizer, template, req.subject))
+            rows.fact.append(i)
+            rows.targets.append(())
     return rows
 
 
@@ -207,13 +246,17 @@ def loss_index(rows: Rows, offsets: torch.Tensor, first_col: int) -> LossIndex:
     return LossIndex(long(r_), long(c_), long(t_), long(f_), torch.tensor(w_))
 
 
+LogitsAt = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def fact_losses(
-    logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], idx: LossIndex,
-    kl: KLIndex, delta: torch.Tensor, init_norm: torch.Tensor, cfg: TargetConfig,
-    kl_logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    logits_at: LogitsAt, idx: LossIndex, kl: KLIndex, delta: torch.Tensor, init_norm: torch.Tensor,
+    cfg: TargetConfig, kl_logits_at: LogitsAt | None = None, keep: KLIndex | None = None,
+    keep_logits_at: LogitsAt | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-fact (loss, nll, KL log-probs) for logits ``[N, vocab]`` read by ``logits_at(rows, cols)``
-    (the KL rows' by ``kl_logits_at`` when they ran in a pass of their own).
+    (the KL rows' by ``kl_logits_at``, the keep rows' by ``keep_logits_at`` when they ran in passes
+    of their own). ``keep``: the keep rows, whose KL enters with their ``weight``.
 
     Returns ``loss [F]`` and ``nll [F]`` (facts without entries get 0 NLL / KL) and the KL rows'
     log-probabilities ``[len(kl.rows), vocab]``.
@@ -226,18 +269,54 @@ def fact_losses(
     init = kl_logp.detach() if kl.init is None else kl.init
     kl_div = torch.zeros(n_facts).index_add(0, kl.fact, (kl_logp.exp() * (kl_logp - init)).sum(-1).cpu())
     wd = cfg.weight_decay * delta.norm(dim=1) / init_norm**2
-    return nll + cfg.kl_factor * kl_div + wd, nll, kl_logp.detach()
+    loss = nll + cfg.kl_factor * kl_div + wd
+    if keep is not None and len(keep.rows):
+        keep_logp = torch.log_softmax((keep_logits_at or logits_at)(keep.rows, keep.cols), -1)
+        div = (keep_logp.exp() * (keep_logp - keep.init)).sum(-1).cpu() * keep.weight
+        loss = loss + torch.zeros(n_facts).index_add(0, keep.fact, div)
+    return loss, nll, kl_logp.detach()
 
 
 @dataclass
 class KLIndex:
-    """The KL rows (one per fact), the column of their subject's last token, the fact each row
-    belongs to, and the initial (δ = 0) log-probabilities there (None: take them from this pass)."""
+    """KL rows: the rows, the column each row's KL is read at (the subject's last token of the
+    "{} is a" rows; the last token of a keep row), the fact each row belongs to, the initial
+    (δ = 0) log-probabilities there (None: take them from this pass), and, for keep rows, each row's
+    weight (``keep_factor`` / the fact's keep rows in use; 0 for a row left out)."""
 
     rows: torch.Tensor
     cols: torch.Tensor
     fact: torch.Tensor
     init: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+    def take(self, remap: torch.Tensor, width: int | None = None) -> KLIndex:
+        """The entries whose row ``remap`` keeps (``remap[r]`` ≥ 0), rows renumbered."""
+        k = remap[self.rows] >= 0
+        init = None if self.init is None else self.init[k.to(self.init.device)]
+        return KLIndex(remap[self.rows[k]], self.cols[k], self.fact[k], init,
+                       None if self.weight is None else self.weight[k])
+
+
+def keep_index(lm: LoadedModel, rows: Rows, offsets: torch.Tensor, first_col: int, logits_of: LogitsAt,
+               answer_cols: torch.Tensor, cfg: TargetConfig) -> KLIndex | None:
+    """The keep rows' KL index: column of each row's last token (minus ``first_col``), initial
+    log-probabilities from ``logits_of(rows, cols)`` (the δ = 0 pass) and weights. A keep row whose
+    unedited top-1 token equals its fact's unedited answer (the bare row's top-1 at
+    ``answer_cols[fact]``, the first target position) probably asks the edited relation: weight 0."""
+    if not rows.keep:
+        return None
+    keep = torch.tensor(rows.keep)
+    cols = torch.tensor([int(offsets[r]) + len(rows.encoded[r].ids) - 1 - first_col for r in rows.keep])
+    fact = torch.tensor([rows.fact[r] for r in rows.keep])
+    with torch.no_grad():
+        init = torch.log_softmax(logits_of(keep, cols), -1)
+        bare = torch.tensor(rows.bare)
+        answer = logits_of(bare, answer_cols).argmax(-1)
+    used = (init.argmax(-1) != answer[fact.to(answer.device)]).float().cpu()
+    n_used = torch.zeros(len(rows.bare)).index_add(0, fact, used)
+    weight = cfg.keep_factor * used / n_used[fact].clamp(min=1)
+    return KLIndex(keep, cols, fact, init, weight)
 
 
 def _site_modules(lm: LoadedModel, cfg: TargetConfig) -> tuple[str, nn.Module | None]:
@@ -300,7 +379,7 @@ def _run(loss_fn: LossFn, n: int, d: int, init_norm: torch.Tensor,
 
 def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: list[str], cfg: TargetConfig) -> Targets:
     model, arch, dev = lm.model, lm.arch, lm.device
-    rows = build_rows(lm, requests, templates)
+    rows = build_rows(lm, requests, templates, keep=cfg.keep)
     batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
     ids, mask, pos, s = (batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.position_ids.to(dev),
                          batch.anchor)
@@ -322,12 +401,14 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
         prefix=prefix_cache(cache, cut), row_fact=torch.tensor(rows.fact),
         loss=loss_index(rows, batch.offset, cut),
         kl=KLIndex(kl_rows, torch.full((len(requests),), s - cut, dtype=torch.long), torch.arange(len(requests)),
-                   torch.log_softmax(lm.logits(final[kl_rows.to(dev), s]), -1)))
+                   torch.log_softmax(lm.logits(final[kl_rows.to(dev), s]), -1)),
+        keep=keep_index(lm, rows, batch.offset, cut, lambda r, c: lm.logits(final[r.to(dev), (c + cut).to(dev)]),
+                        _answer_cols(rows, batch.offset, cut), cfg))
     keys = average_keys(got["key"][:, s].float().cpu(), rows, cfg.skip_first_token_keys)
     init = suffix.site[torch.tensor(rows.bare)].cpu()
     del cache, final, got
     init_norm = init.norm(dim=1)
-    selected: dict[tuple[bool, ...], tuple[_Suffix, _Suffix]] = {}
+    selected: dict[tuple[bool, ...], tuple[_Suffix, _Suffix, _Suffix | None]] = {}
 
     a = s - cut  # the subject's last token's column in the suffix
 
@@ -349,14 +430,22 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
         if key not in selected:  # facts that stopped early leave the batch
             selected.clear()
             selected[key] = suffix.split(live, a)
-        rewrite, kl = selected[key]
+        rewrite, kl, keep = selected[key]
         out, out_kl = forward(rewrite, delta), forward(kl, delta)
+        out_keep = forward(keep, delta) if keep is not None else None
         loss, nll, _ = fact_losses(lambda r, c: lm.logits(out[r.to(dev), c.to(dev)]), rewrite.loss, kl.kl,
-                                   delta, init_norm, cfg, lambda r, c: lm.logits(out_kl[r.to(dev), c.to(dev)]))
+                                   delta, init_norm, cfg, lambda r, c: lm.logits(out_kl[r.to(dev), c.to(dev)]),
+                                   None if keep is None else keep.keep,
+                                   lambda r, c: lm.logits(out_keep[r.to(dev), c.to(dev)]))
         return loss, nll
 
     delta, loss, nll, steps = _run(loss_fn, len(requests), arch.d_model, init_norm, cfg)
     return Targets(delta, keys, init, loss, nll, steps)
+
+
+def _answer_cols(rows: Rows, offsets: torch.Tensor, first_col: int) -> torch.Tensor:
+    """``[facts]``: the column (minus ``first_col``) predicting the first target token of each bare row."""
+    return torch.tensor([int(offsets[b]) + rows.encoded[b].n_prompt - 1 - first_col for b in rows.bare])
 
 
 @dataclass
@@ -378,32 +467,40 @@ class _Suffix:
     row_fact: torch.Tensor
     loss: LossIndex
     kl: KLIndex
+    keep: KLIndex | None = None
 
     def take(self, rows: torch.Tensor, width: int | None = None) -> _Suffix:
         """Rows ``rows`` (indices, in order) and the first ``width`` suffix columns, with the loss
         and KL indices remapped to them (entries of other rows dropped)."""
         remap = torch.full((len(self.row_fact),), -1, dtype=torch.long)
         remap[rows] = torch.arange(len(rows))
-        li, kl = self.loss, self.kl
-        e, k = remap[li.row] >= 0, remap[kl.rows] >= 0
+        li = self.loss
+        e = remap[li.row] >= 0
         loss = LossIndex(remap[li.row[e]], li.col[e], li.token[e], li.fact[e], li.weight[e])
-        init = None if kl.init is None else kl.init[k.to(kl.init.device)]
-        kl_index = KLIndex(remap[kl.rows[k]], kl.cols[k], kl.fact[k], init)
         r = rows.to(self.ids.device)
         w = self.ids.shape[1] if width is None else width
         cut = self.mask.shape[1] - self.ids.shape[1]
         return _Suffix(self.ids[r, :w], self.mask[r, : cut + w], self.pos[r, :w], self.block[r, :w], self.site[r],
-                       [(k_[r], v_[r]) for k_, v_ in self.prefix], self.row_fact[rows], loss, kl_index)
+                       [(k_[r], v_[r]) for k_, v_ in self.prefix], self.row_fact[rows], loss, self.kl.take(remap),
+                       None if self.keep is None else self.keep.take(remap))
 
-    def split(self, live: torch.Tensor, anchor: int) -> tuple[_Suffix, _Suffix]:
-        """The rows of the facts marked in ``live`` (``[F]`` bool) as two passes: the rewriting rows,
-        whole, and the KL rows up to column ``anchor`` only, the one their loss reads (attention is
-        causal, so their later columns need not be computed)."""
-        is_kl = torch.zeros(len(self.row_fact), dtype=torch.bool)
-        is_kl[self.kl.rows] = True
+    def split(self, live: torch.Tensor, anchor: int) -> tuple[_Suffix, _Suffix, _Suffix | None]:
+        """The rows of the facts marked in ``live`` (``[F]`` bool) as up to three passes: the
+        rewriting rows, whole; the KL rows up to column ``anchor`` only, the one their loss reads
+        (attention is causal, so their later columns need not be computed); the keep rows up to
+        their last token (None without keep rows)."""
+        kind = torch.zeros(len(self.row_fact), dtype=torch.long)  # 0 rewrite, 1 KL, 2 keep
+        kind[self.kl.rows] = 1
+        if self.keep is not None:
+            kind[self.keep.rows] = 2
         mine = live[self.row_fact]
-        return (self.take((mine & ~is_kl).nonzero().squeeze(1)),
-                self.take((mine & is_kl).nonzero().squeeze(1), anchor + 1))
+        keep = None
+        if self.keep is not None and bool((mine & (kind == 2)).any()):
+            chosen = (mine & (kind == 2)).nonzero().squeeze(1)
+            width = int(self.keep.cols[mine[self.keep.fact]].max()) + 1
+            keep = self.take(chosen, width)
+        return (self.take((mine & (kind == 0)).nonzero().squeeze(1)),
+                self.take((mine & (kind == 1)).nonzero().squeeze(1), anchor + 1), keep)
 
 
 def optimize(
@@ -459,14 +556,17 @@ def optimize_full_forward(
 def _full_forward_one(lm: LoadedModel, req: EditRequest, templates: list[str], cfg: TargetConfig) -> Targets:
     model, arch, dev = lm.model, lm.arch, lm.device
     site_path, _ = _site_modules(lm, cfg)
-    rows = build_rows(lm, [req], templates)
+    rows = build_rows(lm, [req], templates, keep=cfg.keep)
     batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
     s = batch.anchor
     kw = dict(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
               position_ids=batch.position_ids.to(dev))
     probes = {"inputs": {"key": arch.w_out_path(cfg.layer)}, "outputs": {"site": site_path}}
     with torch.no_grad(), capture(model, **probes) as got:
-        model(**kw)
+        logits0 = model(**kw).logits
+    keep = keep_index(lm, rows, batch.offset, 0, lambda r, c: logits0[r.to(dev), c.to(dev)].float(),
+                      _answer_cols(rows, batch.offset, 0), cfg)
+    del logits0
     init = got["site"][rows.bare, s].float().cpu()
     keys = average_keys(got["key"][:, s].float().cpu(), rows, cfg.skip_first_token_keys)
     idx = loss_index(rows, batch.offset, 0)
@@ -482,7 +582,7 @@ def _full_forward_one(lm: LoadedModel, req: EditRequest, templates: list[str], c
         with hooks([get_module(model, site_path).register_forward_hook(add)]):
             logits = model(**kw).logits  # full logits, every position: the reference protocol
         loss, nll, kl_logp = fact_losses(lambda r, c: logits[r.to(dev), c.to(dev)].float(), idx, kl,
-                                         delta, init.norm(dim=1), cfg)
+                                         delta, init.norm(dim=1), cfg, keep=keep)
         if kl.init is None:  # the first pass has δ = 0: its distribution is the reference
             kl.init = kl_logp
         return loss, nll
