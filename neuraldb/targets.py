@@ -402,7 +402,7 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
         loss=loss_index(rows, batch.offset, cut),
         kl=KLIndex(kl_rows, torch.full((len(requests),), s - cut, dtype=torch.long), torch.arange(len(requests)),
                    torch.log_softmax(lm.logits(final[kl_rows.to(dev), s]), -1)),
-        keep=keep_index(lm, rows, batch.offset, cut, lambda r, c: lm.logits(final[r.to(dev), (c + cut).to(dev)]),
+        keep=keep_index(lm, rows, batch.offset, cut, lambda r, c, h=final: lm.logits(h[r.to(dev), (c + cut).to(dev)]),
                         _answer_cols(rows, batch.offset, cut), cfg))
     keys = average_keys(got["key"][:, s].float().cpu(), rows, cfg.skip_first_token_keys)
     init = suffix.site[torch.tensor(rows.bare)].cpu()
@@ -564,7 +564,7 @@ def _full_forward_one(lm: LoadedModel, req: EditRequest, templates: list[str], c
     probes = {"inputs": {"key": arch.w_out_path(cfg.layer)}, "outputs": {"site": site_path}}
     with torch.no_grad(), capture(model, **probes) as got:
         logits0 = model(**kw).logits
-    keep = keep_index(lm, rows, batch.offset, 0, lambda r, c: logits0[r.to(dev), c.to(dev)].float(),
+    keep = keep_index(lm, rows, batch.offset, 0, lambda r, c, x=logits0: x[r.to(dev), c.to(dev)].float(),
                       _answer_cols(rows, batch.offset, 0), cfg)
     del logits0
     init = got["site"][rows.bare, s].float().cpu()

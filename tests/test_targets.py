@@ -72,7 +72,8 @@ def _keep_kl(lm, delta, cfg):
             ids = torch.tensor([enc.ids])
             with torch.no_grad():
                 p0 = torch.log_softmax(lm.model(ids).logits[0, -1], -1)
-                add = lambda _m, _i, o, pos=enc.subject_last: o.index_add(1, torch.tensor([pos]), d.view(1, 1, -1))
+                def add(_m, _i, o, pos=enc.subject_last, d=d):
+                    return o.index_add(1, torch.tensor([pos]), d.view(1, 1, -1))
                 handle = get_module(lm.model, path).register_forward_hook(add)
                 try:
                     p1 = torch.log_softmax(lm.model(ids).logits[0, -1], -1)
