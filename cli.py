@@ -649,6 +649,54 @@ def compare(editors: Annotated[str, typer.Option(help="Comma-separated editing m
     _run_comparison(names, **options)
 
 
+@app.command()
+@fails_cleanly
+def explain(
+    result: Path = typer.Argument(..., help="Result JSON of `eval` / `compare` with a NeuralDB row."),
+    editor: str = typer.Option("neuraldb", help="The row to explain (a NeuralDB editor's)."),
+    out: Path | None = typer.Option(None, help="JSON to write (default: RESULT.explain.json)."),
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Which stored fact fired on which scored prompt of a result, and which firing made a
+    neighbour worse (shared last word, same subject, own fact, other)."""
+    from evals import explain as ex
+    from evals.runner import cases_path
+    from neuraldb.files import write_json
+
+    saved = _read_json(result, "result")
+    cases_file = cases_path(result)
+    cases = _read_json(cases_file, "per-case file") if cases_file.exists() else None
+    model = saved.get("model", {}) if isinstance(saved.get("model"), dict) else {}
+    if "name" not in model:
+        raise ValueError(f"{result} is not an eval / compare result (no model)")
+    lm = _load_model(model["name"], device, dtype)
+    if lm.fingerprint != model.get("fingerprint"):
+        raise ValueError(f"{result} was run on a model with fingerprint {model.get('fingerprint')}, "
+                         f"not on this {model['name']} ({lm.fingerprint})")
+    with err.status("tracing the gate over every scored prompt …"):
+        explained = ex.explain(lm, saved, cases, editor)
+    for table in ex.tables(explained):
+        console.print(table)
+    target = out or result.with_name(result.name.removesuffix(".json") + ".explain.json")
+    write_json(target, explained)
+    err.print(f"saved {target}" + ("" if cases is not None else f" (no {cases_file.name}: firing only)"))
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    import json
+
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON {what}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a JSON {what} (not an object)")
+    return obj
+
+
 @data_app.command("list")
 def data_list() -> None:
     """Benchmarks and files under $NEURALDB_DATA, checked against the known sha256."""

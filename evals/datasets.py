@@ -108,6 +108,8 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
                 "no generation prompts"),
     DatasetSpec("counterfact-mend-edit", "counterfact", ((_MEND + "edit.json",),), _plain,
                 "CounterFact, MEND format, the 10,000-case edit split"),
+    DatasetSpec("counterfact-train", "counterfact", ((_MEND + "train.json",),), _plain,
+                "CounterFact, MEND format, the 10,000 training cases (for tuning, not reporting)"),
     DatasetSpec("zsre", "zsre", (("zsre/zsre_mem_eval.json",), ("zsre/zsre_mend_eval.json",),
                                  ("zsre/zsre_mend_eval_portability_gpt4.json",)), _zsre("answer"),
                 "ZsRE, MEND eval layout, target answers[0] as in MEMIT / AlphaEdit (the full eval file when "

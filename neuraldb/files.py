@@ -61,8 +61,11 @@ def write_artifact(path: str | Path, meta_name: str, meta: dict[str, Any], tenso
     write_folder(path, fill)
 
 
-def read_meta(path: str | Path, meta_name: str, fmt: str) -> dict[str, Any]:
-    """The JSON description of artifact ``path``, checked to be of format ``fmt``."""
+def read_meta(path: str | Path, meta_name: str, fmt: str | tuple[str, ...]) -> dict[str, Any]:
+    """The JSON description of artifact ``path``, checked to be of format ``fmt`` (or one of them:
+    the current format first, then older ones still read)."""
+    formats = (fmt,) if isinstance(fmt, str) else fmt
+    fmt = formats[0]
     path = Path(path)
     meta_file = path / meta_name
     if not meta_file.is_file() or not (path / TENSORS).is_file():
@@ -72,13 +75,15 @@ def read_meta(path: str | Path, meta_name: str, fmt: str) -> dict[str, Any]:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{meta_file} is corrupt: {e.msg} at line {e.lineno}") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
+    if not isinstance(meta, dict) or meta.get("format") not in formats:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ArtifactError(f"{path}: unknown format {found!r} (expected {fmt})")
     return meta
 
 
-def read_artifact(path: str | Path, meta_name: str, fmt: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_artifact(
+    path: str | Path, meta_name: str, fmt: str | tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(meta, tensors) of artifact ``path``; refuses a wrong format or a tensor file that fails its sha256."""
     meta = read_meta(path, meta_name, fmt)
     file = Path(path) / TENSORS

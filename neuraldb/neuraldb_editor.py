@@ -15,34 +15,48 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuraldb import gate
+import torch
+
+from neuraldb import gate, radius
 from neuraldb.editor import Editor, Progress, register
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_meta
 from neuraldb.models import LoadedModel
-from neuraldb.store import FORMAT as STORE_FORMAT
+from neuraldb.store import READS as STORE_FORMATS
 from neuraldb.store import FactStore, StoreError
 from neuraldb.targets import TargetConfig, TargetHparams, Targets, optimize
 from neuraldb.templates import context_templates
+
+GATES = ("cosine", "radius")
 
 
 @dataclass(frozen=True)
 class NeuralDBHparams(TargetHparams):
     """Hyperparameters of NeuralDB editing.
 
-    ``layer``/``gamma``: the edit layer and the cosine threshold of the gate; ``batch_size``: the
-    number of facts optimised together; the residual optimisation and context templates:
+    ``layer``/``gamma``: the edit layer and the cosine threshold of the gate; ``gate``:
+    ``"cosine"`` (every fact fires above γ, the paper's gate) or ``"radius"`` (a fact's threshold
+    is raised above the look-alikes of its subject, ``radius_margin`` over the closest, at most
+    ``radius_cap``: :mod:`neuraldb.radius`); ``batch_size``: the number of facts optimised
+    together; the residual optimisation and context templates:
     :class:`neuraldb.targets.TargetHparams`.
     """
 
     layer: int
     gamma: float = 0.65
+    gate: str = "cosine"
+    radius_margin: float = 0.02
+    radius_cap: float = 0.9
     batch_size: int = 32
 
     def validate(self, lm: LoadedModel) -> None:
         lm.arch.check_layer(self.layer)
         if not -1.0 <= self.gamma < 1.0:
             raise ValueError(f"gamma must be in [-1, 1), got {self.gamma}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if not -1.0 <= self.radius_cap <= 1.0:
+            raise ValueError(f"radius_cap must be in [-1, 1], got {self.radius_cap}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.target_config().validate()
@@ -94,16 +108,26 @@ class NeuralDBEditor(Editor):
         with self.disabled():
             targets = optimize(self.lm, requests, templates, self.hparams.target_config(),
                                self.hparams.batch_size, progress)
-        self.store.add(requests, targets.keys, targets.delta, replace=replace)
+        self.store.add(requests, targets.keys, targets.delta, replace=replace, radii=self.radii(requests, targets.keys))
         self.last_targets = targets
         self.install()
+
+    def radii(self, requests: list[EditRequest], keys: torch.Tensor) -> torch.Tensor | None:
+        """``[F]`` look-alike radii of facts with keys ``[F, d_ff]`` with ``gate="radius"``
+        (computed on the base model), else None."""
+        h = self.hparams
+        if h.gate != "radius":
+            return None
+        with self.disabled():
+            return radius.radii(self.lm, requests, keys, h.layer, -1.0, h.radius_margin, h.radius_cap)
 
     def remove(self, fact_ids: list[str]) -> None:
         self.store.remove(fact_ids)
         self.install()
 
     def install(self) -> gate.GatedProjection:
-        return gate.install(self.lm.model, self.path, self.store.keys, self.store.residuals, self.store.gamma)
+        return gate.install(self.lm.model, self.path, self.store.keys, self.store.residuals,
+                            self.store.thresholds())
 
     def restore(self) -> None:
         gate.unload(self.lm.model)
@@ -138,7 +162,7 @@ class NeuralDBEditor(Editor):
     @classmethod
     def artifact_model(cls, path: str | Path) -> str | None:
         try:
-            return read_meta(path, "store.json", STORE_FORMAT)["model"]["name"]
+            return read_meta(path, "store.json", STORE_FORMATS)["model"]["name"]
         except ArtifactError:
             return None
 

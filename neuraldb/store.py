@@ -1,7 +1,8 @@
 """The fact store: unit-normalised keys, residuals and fact records, saved atomically.
 
 On disk a store is a folder with ``tensors.safetensors`` (``keys`` ``[m, d_ff]`` float32,
-unit-norm rows; ``residuals`` ``[m, d_model]`` float32) and ``store.json`` (format version, edit
+unit-norm rows; ``residuals`` ``[m, d_model]`` float32; ``radii`` ``[m]`` float32, each fact's
+look-alike radius, −1 for none, see :mod:`neuraldb.radius`) and ``store.json`` (format version, edit
 layer, γ, hyperparameters, context templates, model name and fingerprint, the fact records in
 column order, and the sha256 of the tensor file). Same contents → same bytes.
 """
@@ -17,7 +18,9 @@ import torch
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_artifact, write_artifact
 
-FORMAT = "neuraldb-store/1"
+FORMAT = "neuraldb-store/2"
+READS = (FORMAT, "neuraldb-store/1")  # /1: no radii (every fact fires above γ)
+NO_RADIUS = -1.0
 
 
 class StoreError(ArtifactError):
@@ -29,7 +32,9 @@ class FactStore:
     """Column-aligned keys and residuals with their facts.
 
     Attributes:
-        keys: ``[m, d_ff]`` unit-norm keys; residuals: ``[m, d_model]``; facts: m records.
+        keys: ``[m, d_ff]`` unit-norm keys; residuals: ``[m, d_model]``; radii: ``[m]``; facts: m
+        records. A fact fires where it is the best match and its cosine exceeds
+        :meth:`thresholds` (γ, or the fact's radius when that is higher).
     """
 
     model_name: str
@@ -44,12 +49,19 @@ class FactStore:
     facts: list[EditRequest] = field(default_factory=list)
     keys: torch.Tensor = None  # type: ignore[assignment]
     residuals: torch.Tensor = None  # type: ignore[assignment]
+    radii: torch.Tensor = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.keys is None:
             self.keys = torch.zeros(0, self.d_ff)
         if self.residuals is None:
             self.residuals = torch.zeros(0, self.d_model)
+        if self.radii is None:
+            self.radii = torch.full((len(self.keys),), NO_RADIUS)
+
+    def thresholds(self) -> torch.Tensor:
+        """θ ``[m]``: max(γ, radius) per fact."""
+        return torch.clamp(self.radii, min=self.gamma)
 
     def __len__(self) -> int:
         return len(self.facts)
@@ -64,11 +76,17 @@ class FactStore:
         except ValueError:
             raise KeyError(f"no fact with id {fact_id!r} in the store") from None
 
-    def add(self, facts: list[EditRequest], keys: torch.Tensor, residuals: torch.Tensor, replace: bool = False) -> None:
-        """Append facts (keys are normalised here); an existing id is replaced only with ``replace``."""
+    def add(self, facts: list[EditRequest], keys: torch.Tensor, residuals: torch.Tensor, replace: bool = False,
+            radii: torch.Tensor | None = None) -> None:
+        """Append facts (keys are normalised here; ``radii`` ``[F]``, None: no radius); an existing
+        id is replaced only with ``replace``."""
+        if radii is None:
+            radii = torch.full((len(facts),), NO_RADIUS)
         if keys.shape != (len(facts), self.d_ff) or residuals.shape != (len(facts), self.d_model):
             raise StoreError(f"shape mismatch: {len(facts)} facts, keys {tuple(keys.shape)}, "
                              f"residuals {tuple(residuals.shape)}, store d_ff={self.d_ff} d_model={self.d_model}")
+        if radii.shape != (len(facts),):
+            raise StoreError(f"shape mismatch: {len(facts)} facts, radii {tuple(radii.shape)}")
         keys = torch.nn.functional.normalize(keys.float(), dim=1)
         existing = set(self.ids)
         clashes = [f.id for f in facts if f.id in existing]
@@ -78,6 +96,7 @@ class FactStore:
         self.facts = self.facts + list(facts)
         self.keys = torch.cat([self.keys, keys])
         self.residuals = torch.cat([self.residuals, residuals.float()])
+        self.radii = torch.cat([self.radii, radii.float()])
 
     def remove(self, fact_ids: list[str]) -> None:
         drop = {self.index(i) for i in fact_ids}
@@ -85,6 +104,7 @@ class FactStore:
         self.facts = [self.facts[i] for i in keep]
         self.keys = self.keys[keep]
         self.residuals = self.residuals[keep]
+        self.radii = self.radii[keep]
 
     def check_model(self, fingerprint: str, d_ff: int, d_model: int) -> None:
         if (d_ff, d_model) != (self.d_ff, self.d_model):
@@ -108,20 +128,21 @@ class FactStore:
         """Write the store folder atomically: a complete new folder replaces the old one."""
         try:
             write_artifact(path, "store.json", self.meta(),
-                           {"keys": self.keys, "residuals": self.residuals})
+                           {"keys": self.keys, "residuals": self.residuals, "radii": self.radii})
         except ArtifactError as e:
             raise StoreError(str(e)) from None
 
     @classmethod
     def load(cls, path: str | Path) -> FactStore:
         try:
-            meta, t = read_artifact(path, "store.json", FORMAT)
+            meta, t = read_artifact(path, "store.json", READS)
         except ArtifactError as e:
             raise StoreError(str(e)) from None
         m = meta["model"]
         store = cls(m["name"], m["fingerprint"], m["model_type"], meta["layer"], meta["gamma"], m["d_ff"],
                     m["d_model"], meta["hparams"], meta["templates"],
-                    [EditRequest.from_dict(f) for f in meta["facts"]], t["keys"], t["residuals"])
-        if store.keys.shape != (len(store), store.d_ff) or store.residuals.shape != (len(store), store.d_model):
+                    [EditRequest.from_dict(f) for f in meta["facts"]], t["keys"], t["residuals"], t.get("radii"))
+        if (store.keys.shape != (len(store), store.d_ff) or store.residuals.shape != (len(store), store.d_model)
+                or store.radii.shape != (len(store),)):
             raise StoreError(f"{path} is corrupt: tensor shapes do not match its {len(store)} facts")
         return store

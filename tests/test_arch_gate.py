@@ -67,7 +67,7 @@ def test_gate_with_nothing_firing_is_bit_exact(tiny):
     with torch.no_grad():
         base = tiny.model(ids).logits
     unrelated = torch.nn.functional.normalize(torch.randn(5, tiny.arch.d_ff), dim=-1)
-    gate.install(tiny.model, path, unrelated, torch.randn(5, tiny.arch.d_model), gamma=0.99)
+    gate.install(tiny.model, path, unrelated, torch.randn(5, tiny.arch.d_model), 0.99)
     with torch.no_grad():
         assert torch.equal(tiny.model(ids).logits, base)
 

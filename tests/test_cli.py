@@ -160,6 +160,13 @@ def test_eval_check_fails_on_a_degraded_edit_and_passes_on_the_same_run(smollm2,
     assert base.with_suffix(".md").is_file() and (tmp_path / "base.cases.json").is_file()
     r = run(*common, "--out", tmp_path / "same.json", "--check", base)
     assert r.exit_code == 0, r.output
+    r = run("explain", base)  # every score change is traced to the fact that fired
+    assert r.exit_code == 0, r.output
+    ex = json.loads((tmp_path / "base.explain.json").read_text())
+    assert ex["families"]["rewrite"]["fired_by_kind"]["own"] == 3, "each edit prompt fires its own fact"
+    assert ex["neighborhood_worse"]["none"] == 0, "no neighbour changed where nothing fired"
+    r = run("explain", tmp_path / "nothing.json")
+    assert r.exit_code == 1 and "cannot read the result" in r.output
     # degraded on purpose: a gate threshold no key reaches writes nothing
     r = run(*common, "--out", tmp_path / "bad.json", "--check", base, "--hparam", "gamma=0.999")
     assert r.exit_code == 1

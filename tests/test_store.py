@@ -79,3 +79,24 @@ def test_failed_save_keeps_the_old_store(tmp_path, monkeypatch):
     assert (tmp_path / "s" / "store.json").read_text() == before
     assert len(json.loads(before)["facts"]) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_radii_round_trip_and_old_stores_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from neuraldb.files import sha256_file
+
+    s = make()
+    s.add([EditRequest("r", "{} is", "R", " T")], torch.ones(1, 8), torch.ones(1, 4), radii=torch.tensor([0.8]))
+    assert s.thresholds().tolist() == pytest.approx([0.65, 0.65, 0.65, 0.8])
+    s.save(tmp_path / "new")
+    assert torch.equal(FactStore.load(tmp_path / "new").radii, s.radii)
+    s.remove(["r"])  # a format-1 store: no radii tensor, every fact fires above γ
+    s.save(tmp_path / "old")
+    tensors = tmp_path / "old" / "tensors.safetensors"
+    save_file({"keys": s.keys, "residuals": s.residuals}, str(tensors))
+    meta = json.loads((tmp_path / "old" / "store.json").read_text())
+    meta.update(format="neuraldb-store/1", tensors_sha256=sha256_file(tensors))
+    (tmp_path / "old" / "store.json").write_text(json.dumps(meta))
+    old = FactStore.load(tmp_path / "old")
+    assert old.ids == s.ids and torch.equal(old.thresholds(), torch.full((3,), 0.65))

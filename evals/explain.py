@@ -1,0 +1,187 @@
+"""Why a NeuralDB result scored as it did: which stored fact fired on which scored prompt.
+
+For a saved ``eval`` / ``compare`` result with a NeuralDB row, :func:`explain` rebuilds the store's
+keys and thresholds as that row's editor built them (same records, hyperparameters and context
+templates; keys and radii need no residual optimisation), traces every scored sequence up to the
+edit layer (:mod:`evals.firing`) and, with the per-case file, relates each score change to the
+firing behind it:
+
+* per family (edit prompt, paraphrases, neighbourhood / locality prompts): prompts scored, prompts
+  where some fact fired, by kind — the record's ``own`` fact (edit and paraphrase prompts), a fact
+  whose subject the prompt mentions (``same_subject``: on KnowEdit's relation-specificity prompts
+  the record's own fact asked another relation), a fact whose subject ends in the fired token
+  (``shared_last_word``), any ``other``;
+* neighbourhood prompts that got worse (CounterFact: flipped from the true to the new object;
+  ZsRE: lower token accuracy), by the kind of the firing behind them (``none``: nothing fired, so
+  the change is float noise — the gate returns the base output bit for bit there);
+* edit prompts the row missed, split into "own fact did not fire" and "fired, not enough";
+* examples of flipped prompts with the fact that fired and the token it fired on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from evals import datasets
+from evals.firing import Group, kinds, trace_groups
+from evals.protocol import records_sha
+from neuraldb import gate
+from neuraldb.keys import subject_keys
+from neuraldb.models import LoadedModel
+from neuraldb.neuraldb_editor import NeuralDBEditor, NeuralDBHparams
+
+LABEL = {"mentioned": "same_subject", "same_ending": "shared_last_word", "own": "own", "unrelated": "other"}
+ORDER = ("same_subject", "shared_last_word", "own", "other")  # the cause named when several fired
+
+
+def store_of(lm: LoadedModel, result: dict[str, Any], editor: str = "neuraldb") -> tuple[list, torch.Tensor,
+                                                                                       torch.Tensor, int]:
+    """(records, unit keys ``[m, d_ff]``, thresholds θ ``[m]``, layer) of ``result``'s NeuralDB row."""
+    row = result.get("editors", {}).get(editor)
+    if row is None:
+        raise ValueError(f"the result has no {editor!r} row (rows: {', '.join(result.get('editors', {})) or 'none'})")
+    known = set(NeuralDBHparams.__dataclass_fields__)
+    hp = NeuralDBHparams(**{k: v for k, v in row["hparams"].items() if k in known})
+    hp.validate(lm)
+    proto, d = result["protocol"], result["dataset"]
+    records = datasets.select(datasets.load(d["name"]).records, max(proto["n"]), proto.get("sample_seed"))
+    if records_sha(records) != d["records_sha256"]:
+        raise ValueError(f"the records of {d['name']} here are not the ones the result was run on")
+    requests = [r.request for r in records]
+    ed = NeuralDBEditor(lm, hp)
+    keys = subject_keys(lm, requests, ed.templates(), [hp.layer],
+                        skip_first=hp.target_config().skip_first_token_keys).keys[hp.layer]
+    radii = ed.radii(requests, keys)
+    radii = torch.full((len(requests),), -1.0) if radii is None else radii
+    return records, torch.nn.functional.normalize(keys, dim=1), torch.clamp(radii, min=hp.gamma), hp.layer
+
+
+def _rows(kind: str, requests: list) -> dict[str, list[tuple[int, str, tuple[str, ...]]]]:
+    """The scored sequences of each family as scoring runs them: (record, prompt, answers)."""
+    if kind == "zsre":
+        return {"rewrite": [(i, r.prompt, (r.target_new,)) for i, r in enumerate(requests)],
+                "paraphrase": [(i, p, (r.target_new,)) for i, r in enumerate(requests) for p in r.paraphrases],
+                "neighborhood": [(i, p, (a,)) for i, r in enumerate(requests) for p, a in r.locality]}
+    true = [r.target_true or "" for r in requests]
+    return {"rewrite": [(i, r.prompt, (r.target_new, true[i])) for i, r in enumerate(requests)],
+            "paraphrase": [(i, p, (r.target_new, true[i])) for i, r in enumerate(requests) for p in r.paraphrases],
+            "neighborhood": [(i, p, (r.target_new, a)) for i, r in enumerate(requests) for p, a in r.locality]}
+
+
+def _why(group: Group, own: int, theta: torch.Tensor, prompt: str, subjects: list[str], tok: Any) -> set[str]:
+    return {LABEL[k.rsplit("_", 1)[0]] for t in group for k in kinds(t, own, theta, prompt, subjects, tok)}
+
+
+def _cause(why: set[str]) -> str:
+    return next((k for k in ORDER if k in why), "none")
+
+
+def _worse(kind: str, before: Any, after: Any, tol: float = 1e-4) -> bool:
+    if kind == "zsre":
+        return after < before - tol
+    (n0, t0), (n1, t1) = before, after
+    return t0 > n0 and not t1 > n1
+
+
+def _hit(kind: str, score: Any) -> bool:
+    return score >= 1.0 if kind == "zsre" else score[0] > score[1]
+
+
+def explain(lm: LoadedModel, result: dict[str, Any], cases: dict[str, Any] | None = None,
+            editor: str = "neuraldb", n_examples: int = 12) -> dict[str, Any]:
+    """The firing analysis of ``result``'s NeuralDB row (see the module docstring) as JSON."""
+    records, keys, theta, layer = store_of(lm, result, editor)
+    requests = [r.request for r in records]
+    kind = result["dataset"]["kind"]
+    m, tok = len(requests), lm.tokenizer
+    g = gate.install(lm.model, lm.arch.w_out_path(layer), keys, torch.zeros(m, lm.arch.d_model), -1.0)
+    try:
+        rows = _rows(kind, requests)
+        traced = {fam: trace_groups(lm, g, layer, v, m) for fam, v in rows.items()}
+    finally:
+        gate.unload(lm.model)
+    subjects = [r.subject for r in requests]
+    prompts = {fam: [[p for j, p, _ in v if j == i] for i in range(m)] for fam, v in rows.items()}
+    out: dict[str, Any] = {"model": lm.name, "dataset": result["dataset"]["name"], "facts": m, "layer": layer,
+                           "thresholds": {"min": float(theta.min()), "mean": float(theta.mean()),
+                                          "raised": int((theta > theta.min()).sum())}, "families": {}}
+    # on neighbourhood prompts the cause is what matters (own=-1): the record's own fact firing on
+    # another question about its subject is same_subject, on a look-alike shared_last_word
+    why = {fam: [[_why(gr, -1 if fam == "neighborhood" else i, theta, p, subjects, tok)
+                  for gr, p in zip(traced[fam][i], prompts[fam][i])] for i in range(m)] for fam in rows}
+    for fam in rows:
+        flat = [w for ws in why[fam] for w in ws]
+        out["families"][fam] = {"prompts": len(flat), "fired": sum(bool(w) for w in flat),
+                                "fired_by_kind": {k: sum(k in w for w in flat) for k in ORDER}}
+    if cases is not None:
+        out |= _against_cases(kind, cases, editor, requests, traced, why, theta, tok, n_examples)
+    return out
+
+
+def _against_cases(kind: str, cases: dict[str, Any], editor: str, requests: list, traced: dict, why: dict,
+                   theta: torch.Tensor, tok: Any, n_examples: int) -> dict[str, Any]:
+    for row in ("pre", editor):
+        if row not in cases:
+            raise ValueError(f"the per-case file has no {row!r} rows")
+    pre = {c["id"]: c for c in cases["pre"]}
+    post = {c["id"]: c for c in cases[editor]}
+    if missing := next((r.id for r in requests if r.id not in pre or r.id not in post), None):
+        raise ValueError(f"the per-case file has no case {missing!r}: it is not this result's")
+    flipped: Counter[str] = Counter()
+    missed: Counter[str] = Counter()
+    examples = []
+    for i, r in enumerate(requests):
+        if not _hit(kind, post[r.id]["rewrite"]):
+            missed["own_fact_did_not_fire" if "own" not in why["rewrite"][i][0] else "fired_not_enough"] += 1
+        for j, (before, after) in enumerate(zip(pre[r.id]["neighborhood"], post[r.id]["neighborhood"])):
+            if not _worse(kind, before, after):
+                continue
+            cause = _cause(why["neighborhood"][i][j])
+            flipped[cause] += 1
+            if len(examples) < n_examples and cause != "none":
+                t = traced["neighborhood"][i][j][0]
+                pos = max((p for p in t.scored() if float(t.cosine[p]) > float(theta[t.index[p]])),
+                          key=lambda p: float(t.cosine[p]), default=None)
+                if pos is None:
+                    t = traced["neighborhood"][i][j][-1]
+                    pos = max(t.scored(), key=lambda p: float(t.cosine[p]))
+                f = requests[int(t.index[pos])]
+                examples.append({"record": r.id, "prompt": r.locality[j][0], "answer": r.locality[j][1],
+                                 "cause": cause, "fired_at": tok.decode([t.ids[pos]]), "fired_fact": f.id,
+                                 "fired_subject": f.subject, "fired_new_target": f.target_new,
+                                 "cosine": round(float(t.cosine[pos]), 3)})
+    return {"neighborhood_worse": {"total": sum(flipped.values())} | {k: flipped[k] for k in (*ORDER, "none")},
+            "rewrite_missed": {"total": sum(missed.values())} | dict(sorted(missed.items())), "examples": examples}
+
+
+def tables(explained: dict[str, Any]) -> list[Any]:
+    """Rich tables of :func:`explain`'s output: firing by family, then worse neighbours by cause."""
+    from rich.table import Table
+
+    t = Table(title=f"which stored fact fired: {explained['dataset']}, {explained['facts']} facts "
+                    f"(layer {explained['layer']}; thresholds raised above γ: {explained['thresholds']['raised']})")
+    for col in ("family", "prompts", "fired", *ORDER):
+        t.add_column(col, justify="left" if col == "family" else "right")
+    for fam, r in explained["families"].items():
+        t.add_row(fam, str(r["prompts"]), str(r["fired"]), *(str(r["fired_by_kind"][k]) for k in ORDER))
+    out = [t]
+    if "neighborhood_worse" in explained:
+        w, miss = explained["neighborhood_worse"], explained["rewrite_missed"]
+        u = Table(title="neighbourhood prompts made worse, by the firing behind them; edit prompts missed")
+        for col in ("worse", *ORDER, "none", "edit missed", "own did not fire", "fired, not enough"):
+            u.add_column(col, justify="right")
+        u.add_row(str(w["total"]), *(str(w[k]) for k in (*ORDER, "none")), str(miss["total"]),
+                  str(miss.get("own_fact_did_not_fire", 0)), str(miss.get("fired_not_enough", 0)))
+        out.append(u)
+        if explained["examples"]:
+            x = Table(title="examples")
+            for col in ("prompt", "answer", "cause", "fired on", "fact's subject → new", "cos"):
+                x.add_column(col)
+            for e in explained["examples"]:
+                x.add_row(e["prompt"], e["answer"], e["cause"], repr(e["fired_at"]),
+                          f"{e['fired_subject']} →{e['fired_new_target']}", f"{e['cosine']:.3f}")
+            out.append(x)
+    return out
