@@ -47,6 +47,8 @@ def store_of(lm: LoadedModel, result: dict[str, Any], editor: str = "neuraldb") 
     hp = NeuralDBHparams(**{k: v for k, v in row["hparams"].items() if k in known})
     hp.validate(lm)
     proto, d = result["protocol"], result["dataset"]
+    if not proto.get("sequential", False):
+        raise ValueError("explain needs a sequential run (with --no-sequential no store held all the facts at once)")
     records = datasets.select(datasets.load(d["name"]).records, max(proto["n"]), proto.get("sample_seed"))
     if records_sha(records) != d["records_sha256"]:
         raise ValueError(f"the records of {d['name']} here are not the ones the result was run on")
