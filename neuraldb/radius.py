@@ -68,4 +68,5 @@ def radii(lm: LoadedModel, requests: list[EditRequest], keys: torch.Tensor, laye
     unit = torch.nn.functional.normalize(keys.float(), dim=1)
     cos = (k * unit[owner]).sum(1)  # [A]
     closest = torch.full((len(requests),), -1.0).scatter_reduce(0, owner, cos, "amax")
-    return torch.clamp(torch.maximum(theta, closest + margin), max=cap)
+    raised = torch.clamp(torch.maximum(theta, closest + margin), max=cap)
+    return torch.where(closest > -1.0, raised, theta)  # a fact without look-alikes keeps ``gamma``
