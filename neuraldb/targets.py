@@ -498,7 +498,7 @@ class _Suffix:
         keep = None
         if self.keep is not None and bool((mine & (kind == 2)).any()):
             chosen = (mine & (kind == 2)).nonzero().squeeze(1)
-            width = int(self.keep.cols[mine[self.keep.fact]].max()) + 1
+            width = int(self.keep.cols[mine[self.keep.rows]].max()) + 1
             keep = self.take(chosen, width)
         return (self.take((mine & (kind == 0)).nonzero().squeeze(1)),
                 self.take((mine & (kind == 1)).nonzero().squeeze(1), anchor + 1), keep)

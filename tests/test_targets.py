@@ -39,11 +39,16 @@ def test_fast_path_equals_full_forward_reference(arch, cfg):
     assert fast.loss.lt(ref.loss.new_tensor(float("inf"))).all()
 
 
-def test_batched_equals_one_by_one_with_early_stopping():
+@pytest.mark.parametrize("keep", [0.0, 1.0], ids=["plain", "keep"])
+def test_batched_equals_one_by_one_with_early_stopping(keep):
     lm = tiny_model("llama")
-    probe = optimize(lm, FACTS, TEMPLATES, TargetConfig(layer=2, steps=6, weight_decay=0.0, early_stop_loss=-1.0))
+    extra = {"keep_factor": keep, "keep_templates": KEEP.keep_templates}
+    probe = optimize(lm, FACTS, TEMPLATES,
+                     TargetConfig(layer=2, steps=6, weight_decay=0.0, early_stop_loss=-1.0, **extra))
     # a threshold between the facts' losses after 6 steps, so that they stop at different steps
-    cfg = TargetConfig(layer=2, steps=12, lr=0.5, weight_decay=0.0, early_stop_loss=float(probe.loss.median()))
+    # (with the keep term: the keep rows of a fact that stopped leave the batch while others go on)
+    cfg = TargetConfig(layer=2, steps=12, lr=0.5, weight_decay=0.0, early_stop_loss=float(probe.loss.median()),
+                       **extra)
     batched = optimize(lm, FACTS, TEMPLATES, cfg, batch_size=3)
     single = optimize(lm, FACTS, TEMPLATES, cfg, batch_size=1)
     assert batched.steps.tolist() == single.steps.tolist()
