@@ -10,6 +10,8 @@ result of a fact does not depend on which facts were written before it.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,8 +57,10 @@ class NeuralDBHparams(TargetHparams):
             raise ValueError(f"gamma must be in [-1, 1), got {self.gamma}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
-        if not -1.0 <= self.radius_cap <= 1.0:
-            raise ValueError(f"radius_cap must be in [-1, 1], got {self.radius_cap}")
+        if not self.gamma <= self.radius_cap < 1.0:
+            raise ValueError(f"radius_cap must be in [gamma, 1) = [{self.gamma}, 1), got {self.radius_cap}")
+        if not math.isfinite(self.radius_margin):
+            raise ValueError(f"radius_margin must be a finite number, got {self.radius_margin}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.target_config().validate()

@@ -77,8 +77,8 @@ class TargetConfig:
             raise ValueError("steps must be at least 1")
         if self.lr <= 0 or self.clamp_norm_factor <= 0:
             raise ValueError("lr and clamp_norm_factor must be positive")
-        if self.keep_factor < 0:
-            raise ValueError("keep_factor must be at least 0")
+        if not 0 <= self.keep_factor < float("inf"):
+            raise ValueError(f"keep_factor must be a finite number ≥ 0, got {self.keep_factor}")
         if bad := next((t for t in self.keep_templates if t.count("{}") != 1), None):
             raise ValueError(f"keep template {bad!r} must hold exactly one {{}}")
 

@@ -3,6 +3,9 @@ still fires on its own subject, and the base model comes back bit for bit."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from neuraldb.facts import EditRequest
@@ -56,3 +59,12 @@ def test_shared_last_token_fires_only_for_its_own_subject():
     assert not torch.equal(logits(lm, A.prompt), base_a), "the own fact fired"
     ed.remove(["a", "b"])
     assert torch.equal(logits(lm, A.prompt), base_a), "every fact removed: the base logits bit for bit"
+
+
+@pytest.mark.parametrize("bad", [{"radius_cap": 0.4}, {"radius_cap": 1.0}, {"radius_margin": float("nan")},
+                                 {"keep_factor": float("nan")}, {"keep_factor": -1.0}],
+                         ids=["cap-below-gamma", "cap-one", "margin-nan", "keep-nan", "keep-negative"])
+def test_gate_hparams_out_of_range_are_refused(bad):
+    lm = tiny_model("llama")
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        dataclasses.replace(HP, **bad).validate(lm)
