@@ -670,6 +670,15 @@ def explain(
     model = saved.get("model", {}) if isinstance(saved.get("model"), dict) else {}
     if "name" not in model:
         raise ValueError(f"{result} is not an eval / compare result (no model)")
+    try:
+        ex.check(saved, editor)
+    except ValueError as e:
+        raise ValueError(f"{result}: {e}") from None
+    target = out or result.with_name(result.name.removesuffix(".json") + ".explain.json")
+    if target.resolve() in (result.resolve(), cases_file.resolve()):
+        raise ValueError(f"--out {target} would overwrite an input of explain; choose another file")
+    if target.is_dir():
+        raise ValueError(f"--out {target} is a directory; give a file name")
     lm = _load_model(model["name"], device, dtype)
     if lm.fingerprint != model.get("fingerprint"):
         raise ValueError(f"{result} was run on a model with fingerprint {model.get('fingerprint')}, "
@@ -678,7 +687,6 @@ def explain(
         explained = ex.explain(lm, saved, cases, editor)
     for table in ex.tables(explained):
         console.print(table)
-    target = out or result.with_name(result.name.removesuffix(".json") + ".explain.json")
     write_json(target, explained)
     err.print(f"saved {target}" + ("" if cases is not None else f" (no {cases_file.name}: firing only)"))
 

@@ -9,8 +9,9 @@ projection) of the edit prompt is compared, at several layers, with the key of
 * ``prefixed``: the edit prompt behind an unrelated sentence (the same question in context: it
   *should* fire),
 
-read at two places: ``subject`` — the subject's last token (NeuralDB's key; for ``alias`` the best
-token of the prompt, as the gate takes the best) — and ``last`` — the prompt's last token. Output:
+read at two places: ``subject`` — the edit prompt's key at the subject's last token (NeuralDB's
+key) against the best-matching token of the other prompt (position 0 left out), as the gate takes
+the best — and ``last`` — the prompt's last token of both. Output:
 per place, kind and layer, the mean, quartiles and share above 0.65 / 0.8 (JSON).
 
 Usage:  python benchmarks/relation_keys.py --n 150 --out benchmarks/results/relation_keys.json

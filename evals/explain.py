@@ -37,18 +37,36 @@ LABEL = {"mentioned": "same_subject", "same_ending": "shared_last_word", "own": 
 ORDER = ("same_subject", "shared_last_word", "own", "other")  # the cause named when several fired
 
 
+def check(result: dict[str, Any], editor: str = "neuraldb") -> None:
+    """Raise ValueError (one line) unless ``result`` holds what :func:`explain` reads: a NeuralDB
+    row ``editor`` with its hyperparameters, a sequential protocol with ``n``, the dataset's name and
+    records hash. Cheap: run it before loading the model."""
+    rows = result.get("editors")
+    if not isinstance(rows, dict):
+        raise ValueError("not an eval / compare result: no editors table")
+    row = rows.get(editor)
+    if not isinstance(row, dict):
+        raise ValueError(f"the result has no {editor!r} row (rows: {', '.join(rows) or 'none'})")
+    hp = row.get("hparams")
+    if not isinstance(hp, dict) or "layer" not in hp or "gamma" not in hp:
+        raise ValueError(f"row {editor!r} is not a NeuralDB row (its hyperparameters have no layer and gamma)")
+    proto, d = result.get("protocol"), result.get("dataset")
+    if not isinstance(proto, dict) or not isinstance(proto.get("n"), list) or not proto["n"]:
+        raise ValueError("the result has no protocol with a list of edit counts n")
+    if not proto.get("sequential", False):
+        raise ValueError("explain needs a sequential run (with --no-sequential no store held all the facts at once)")
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("records_sha256"), str):
+        raise ValueError("the result does not name its dataset and records hash")
+
+
 def store_of(lm: LoadedModel, result: dict[str, Any], editor: str = "neuraldb") -> tuple[list, torch.Tensor,
                                                                                        torch.Tensor, int]:
     """(records, unit keys ``[m, d_ff]``, thresholds θ ``[m]``, layer) of ``result``'s NeuralDB row."""
-    row = result.get("editors", {}).get(editor)
-    if row is None:
-        raise ValueError(f"the result has no {editor!r} row (rows: {', '.join(result.get('editors', {})) or 'none'})")
+    check(result, editor)
     known = set(NeuralDBHparams.__dataclass_fields__)
-    hp = NeuralDBHparams(**{k: v for k, v in row["hparams"].items() if k in known})
+    hp = NeuralDBHparams(**{k: v for k, v in result["editors"][editor]["hparams"].items() if k in known})
     hp.validate(lm)
     proto, d = result["protocol"], result["dataset"]
-    if not proto.get("sequential", False):
-        raise ValueError("explain needs a sequential run (with --no-sequential no store held all the facts at once)")
     records = datasets.select(datasets.load(d["name"]).records, max(proto["n"]), proto.get("sample_seed"))
     if records_sha(records) != d["records_sha256"]:
         raise ValueError(f"the records of {d['name']} here are not the ones the result was run on")

@@ -57,7 +57,7 @@ class NeuralDBHparams(TargetHparams):
             raise ValueError(f"gamma must be in [-1, 1), got {self.gamma}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
-        if not self.gamma <= self.radius_cap < 1.0:
+        if self.gate == "radius" and not self.gamma <= self.radius_cap < 1.0:
             raise ValueError(f"radius_cap must be in [gamma, 1) = [{self.gamma}, 1), got {self.radius_cap}")
         if not math.isfinite(self.radius_margin):
             raise ValueError(f"radius_margin must be a finite number, got {self.radius_margin}")

@@ -167,6 +167,15 @@ def test_eval_check_fails_on_a_degraded_edit_and_passes_on_the_same_run(smollm2,
     assert ex["neighborhood_worse"]["none"] == 0, "no neighbour changed where nothing fired"
     r = run("explain", tmp_path / "nothing.json")
     assert r.exit_code == 1 and "cannot read the result" in r.output
+    before = base.read_bytes()
+    r = run("explain", base, "--out", base)  # never overwrites its own input
+    assert r.exit_code == 1 and "would overwrite an input" in r.output and base.read_bytes() == before
+    r = run("explain", base, "--editor", "memit")
+    assert r.exit_code == 1 and "no 'memit' row" in r.output
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({**saved, "protocol": {"n": 3}}))
+    r = run("explain", broken)
+    assert r.exit_code == 1 and "list of edit counts" in r.output and len(r.output.strip().splitlines()) == 1
     # degraded on purpose: a gate threshold no key reaches writes nothing
     r = run(*common, "--out", tmp_path / "bad.json", "--check", base, "--hparam", "gamma=0.999")
     assert r.exit_code == 1

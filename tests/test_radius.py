@@ -61,7 +61,8 @@ def test_shared_last_token_fires_only_for_its_own_subject():
     assert torch.equal(logits(lm, A.prompt), base_a), "every fact removed: the base logits bit for bit"
 
 
-@pytest.mark.parametrize("bad", [{"radius_cap": 0.4}, {"radius_cap": 1.0}, {"radius_margin": float("nan")},
+@pytest.mark.parametrize("bad", [{"radius_cap": 0.4, "gate": "radius"}, {"radius_cap": 1.0, "gate": "radius"},
+                                 {"radius_margin": float("nan")},
                                  {"keep_factor": float("nan")}, {"keep_factor": -1.0}],
                          ids=["cap-below-gamma", "cap-one", "margin-nan", "keep-nan", "keep-negative"])
 def test_gate_hparams_out_of_range_are_refused(bad):
