@@ -2,7 +2,8 @@
 
 On disk a store is a folder with ``tensors.safetensors`` (``keys`` ``[m, d_ff]`` float32,
 unit-norm rows; ``residuals`` ``[m, d_model]`` float32; ``radii`` ``[m]`` float32, each fact's
-look-alike radius, −1 for none, see :mod:`neuraldb.radius`) and ``store.json`` (format version, edit
+look-alike radius, −1 for none, see :mod:`neuraldb.radius`, written only when some fact has one:
+a store without radii keeps format 1, byte for byte as before radii existed) and ``store.json`` (format version, edit
 layer, γ, hyperparameters, context templates, model name and fingerprint, the fact records in
 column order, and the sha256 of the tensor file). Same contents → same bytes.
 """
@@ -19,7 +20,8 @@ from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_artifact, write_artifact
 
 FORMAT = "neuraldb-store/2"
-READS = (FORMAT, "neuraldb-store/1")  # /1: no radii (every fact fires above γ)
+FORMAT_NO_RADII = "neuraldb-store/1"  # no radii tensor: every fact fires above γ
+READS = (FORMAT, FORMAT_NO_RADII)
 NO_RADIUS = -1.0
 
 
@@ -116,9 +118,13 @@ class FactStore:
 
     # -- persistence ------------------------------------------------------------------------
 
+    def has_radii(self) -> bool:
+        """Whether any fact has a radius; a store without is written in format 1, as before radii."""
+        return bool((self.radii != NO_RADIUS).any())
+
     def meta(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "model": {"name": self.model_name, "fingerprint": self.fingerprint,
+            "format": FORMAT if self.has_radii() else FORMAT_NO_RADII, "model": {"name": self.model_name, "fingerprint": self.fingerprint,
                                         "model_type": self.model_type, "d_ff": self.d_ff, "d_model": self.d_model},
             "layer": self.layer, "gamma": self.gamma, "hparams": self.hparams, "templates": self.templates,
             "facts": [f.to_dict() for f in self.facts],
@@ -127,8 +133,8 @@ class FactStore:
     def save(self, path: str | Path) -> None:
         """Write the store folder atomically: a complete new folder replaces the old one."""
         try:
-            write_artifact(path, "store.json", self.meta(),
-                           {"keys": self.keys, "residuals": self.residuals, "radii": self.radii})
+            tensors = {"keys": self.keys, "residuals": self.residuals}
+            write_artifact(path, "store.json", self.meta(), tensors | ({"radii": self.radii} if self.has_radii() else {}))
         except ArtifactError as e:
             raise StoreError(str(e)) from None
 
@@ -138,10 +144,16 @@ class FactStore:
             meta, t = read_artifact(path, "store.json", READS)
         except ArtifactError as e:
             raise StoreError(str(e)) from None
+        if meta["format"] == FORMAT and "radii" not in t:
+            raise StoreError(f"{path} is corrupt: a {FORMAT} store without its radii tensor")
+        radii = t.get("radii")
+        if radii is not None and not bool(torch.isfinite(radii.float()).all()):
+            raise StoreError(f"{path} is corrupt: radii that are not finite numbers")
         m = meta["model"]
         store = cls(m["name"], m["fingerprint"], m["model_type"], meta["layer"], meta["gamma"], m["d_ff"],
                     m["d_model"], meta["hparams"], meta["templates"],
-                    [EditRequest.from_dict(f) for f in meta["facts"]], t["keys"], t["residuals"], t.get("radii"))
+                    [EditRequest.from_dict(f) for f in meta["facts"]], t["keys"], t["residuals"],
+                    None if radii is None else radii.float())
         if (store.keys.shape != (len(store), store.d_ff) or store.residuals.shape != (len(store), store.d_model)
                 or store.radii.shape != (len(store),)):
             raise StoreError(f"{path} is corrupt: tensor shapes do not match its {len(store)} facts")

@@ -82,7 +82,7 @@ def test_failed_save_keeps_the_old_store(tmp_path, monkeypatch):
 
 
 def test_radii_round_trip_and_old_stores_load(tmp_path):
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from neuraldb.files import sha256_file
 
@@ -91,12 +91,19 @@ def test_radii_round_trip_and_old_stores_load(tmp_path):
     assert s.thresholds().tolist() == pytest.approx([0.65, 0.65, 0.65, 0.8])
     s.save(tmp_path / "new")
     assert torch.equal(FactStore.load(tmp_path / "new").radii, s.radii)
-    s.remove(["r"])  # a format-1 store: no radii tensor, every fact fires above γ
+    s.remove(["r"])  # no fact has a radius: written in format 1, without a radii tensor, as before radii
     s.save(tmp_path / "old")
-    tensors = tmp_path / "old" / "tensors.safetensors"
-    save_file({"keys": s.keys, "residuals": s.residuals}, str(tensors))
     meta = json.loads((tmp_path / "old" / "store.json").read_text())
-    meta.update(format="neuraldb-store/1", tensors_sha256=sha256_file(tensors))
-    (tmp_path / "old" / "store.json").write_text(json.dumps(meta))
+    assert meta["format"] == "neuraldb-store/1"
+    tensors = tmp_path / "old" / "tensors.safetensors"
+    assert set(load_file(str(tensors))) == {"keys", "residuals"}
     old = FactStore.load(tmp_path / "old")
     assert old.ids == s.ids and torch.equal(old.thresholds(), torch.full((3,), 0.65))
+    # a format-2 store without radii, or with radii that are not numbers, is corrupt
+    for radii in (None, torch.tensor([float("nan")] * 3)):
+        save_file({"keys": s.keys, "residuals": s.residuals} | ({} if radii is None else {"radii": radii}),
+                  str(tensors))
+        meta.update(format="neuraldb-store/2", tensors_sha256=sha256_file(tensors))
+        (tmp_path / "old" / "store.json").write_text(json.dumps(meta))
+        with pytest.raises(StoreError, match="corrupt"):
+            FactStore.load(tmp_path / "old")
