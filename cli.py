@@ -655,8 +655,8 @@ def explain(
     result: Path = typer.Argument(..., help="Result JSON of `eval` / `compare` with a NeuralDB row."),
     editor: str = typer.Option("neuraldb", help="The row to explain (a NeuralDB editor's)."),
     out: Path | None = typer.Option(None, help="JSON to write (default: RESULT.explain.json)."),
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto (default: the result's).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the result's).")] = None,
 ) -> None:
     """Which stored fact fired on which scored prompt of a result, and which firing made a
     neighbour worse (shared last word, same subject, own fact, other)."""
@@ -679,10 +679,12 @@ def explain(
         raise ValueError(f"--out {target} would overwrite an input of explain; choose another file")
     if target.is_dir():
         raise ValueError(f"--out {target} is a directory; give a file name")
+    device = device or str(model.get("device") or "cpu")
+    dtype = dtype or str(model.get("dtype") or "float32").removeprefix("torch.")
     lm = _load_model(model["name"], device, dtype)
     if lm.fingerprint != model.get("fingerprint"):
-        raise ValueError(f"{result} was run on a model with fingerprint {model.get('fingerprint')}, "
-                         f"not on this {model['name']} ({lm.fingerprint})")
+        raise ValueError(f"{result} was run on a model with fingerprint {model.get('fingerprint')} "
+                         f"({model.get('dtype')}), not on this {model['name']} ({lm.fingerprint}, {dtype})")
     with err.status("tracing the gate over every scored prompt …"):
         explained = ex.explain(lm, saved, cases, editor)
     for table in ex.tables(explained):
