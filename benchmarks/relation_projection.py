@@ -15,7 +15,8 @@ above ``--pos`` cosine, the others below ``--neg``) on 80 % of the records (spli
 reports, on the held-out 20 %, the median cosine and the share above 0.5 of each pair kind, for the raw
 key and for the projection, in one run (JSON).
 
-Usage:  python benchmarks/relation_projection.py --layer 14 --n-cf 2000 --out benchmarks/results/relation_projection.json
+Usage:  python benchmarks/relation_projection.py --layer 14 --n-cf 2000
+        (writes benchmarks/results/relation_projection.json)
 """
 
 from __future__ import annotations

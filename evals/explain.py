@@ -125,9 +125,10 @@ def explain(lm: LoadedModel, result: dict[str, Any], cases: dict[str, Any] | Non
         gate.unload(lm.model)
     subjects = [r.subject for r in requests]
     prompts = {fam: [[p for j, p, _ in v if j == i] for i in range(m)] for fam, v in rows.items()}
+    gamma = float(result["editors"][editor]["hparams"]["gamma"])
     out: dict[str, Any] = {"model": lm.name, "dataset": result["dataset"]["name"], "facts": m, "layer": layer,
                            "thresholds": {"min": float(theta.min()), "mean": float(theta.mean()),
-                                          "raised": int((theta > float(result["editors"][editor]["hparams"]["gamma"])).sum())}, "families": {}}
+                                          "raised": int((theta > gamma).sum())}, "families": {}}
     # on neighbourhood prompts the cause is what matters (own=-1): the record's own fact firing on
     # another question about its subject is same_subject, on a look-alike shared_last_word
     why = {fam: [[_why(gr, -1 if fam == "neighborhood" else i, theta, p, subjects, tok)

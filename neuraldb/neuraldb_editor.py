@@ -11,7 +11,6 @@ result of a fact does not depend on which facts were written before it.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass

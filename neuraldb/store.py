@@ -2,8 +2,8 @@
 
 On disk a store is a folder with ``tensors.safetensors`` (``keys`` ``[m, d_ff]`` float32,
 unit-norm rows; ``residuals`` ``[m, d_model]`` float32; ``radii`` ``[m]`` float32, each fact's
-look-alike radius, −1 for none, see :mod:`neuraldb.radius`, written only when some fact has one:
-a store without radii keeps format 1, byte for byte as before radii existed) and ``store.json`` (format version, edit
+look-alike radius, −1 for none, see :mod:`neuraldb.radius`; written only when some fact has one,
+a store without radii keeps format 1 and no radii tensor) and ``store.json`` (format version, edit
 layer, γ, hyperparameters, context templates, model name and fingerprint, the fact records in
 column order, and the sha256 of the tensor file). Same contents → same bytes.
 """
@@ -124,8 +124,9 @@ class FactStore:
 
     def meta(self) -> dict[str, Any]:
         return {
-            "format": FORMAT if self.has_radii() else FORMAT_NO_RADII, "model": {"name": self.model_name, "fingerprint": self.fingerprint,
-                                        "model_type": self.model_type, "d_ff": self.d_ff, "d_model": self.d_model},
+            "format": FORMAT if self.has_radii() else FORMAT_NO_RADII,
+            "model": {"name": self.model_name, "fingerprint": self.fingerprint,
+                      "model_type": self.model_type, "d_ff": self.d_ff, "d_model": self.d_model},
             "layer": self.layer, "gamma": self.gamma, "hparams": self.hparams, "templates": self.templates,
             "facts": [f.to_dict() for f in self.facts],
         }
@@ -134,7 +135,9 @@ class FactStore:
         """Write the store folder atomically: a complete new folder replaces the old one."""
         try:
             tensors = {"keys": self.keys, "residuals": self.residuals}
-            write_artifact(path, "store.json", self.meta(), tensors | ({"radii": self.radii} if self.has_radii() else {}))
+            if self.has_radii():
+                tensors["radii"] = self.radii
+            write_artifact(path, "store.json", self.meta(), tensors)
         except ArtifactError as e:
             raise StoreError(str(e)) from None
 
