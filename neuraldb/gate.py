@@ -9,11 +9,27 @@ radius (:mod:`neuraldb.radius`). One matmul against the unit-normalised stored k
 no loop over tokens or facts.
 Where nothing fires the base output is returned untouched (``torch.where``), so the gated model's
 logits equal the base model's bit for bit.
+
+The **relation gate** (:func:`install_relation`) asks two questions of a token, at two layers:
+
+* has fact j's subject been seen at or before this token (in this forward)? At the subject layer a
+  :class:`SubjectWatch` (which changes nothing) marks, per earlier-or-current token, every fact
+  whose subject key's cosine exceeds θ_j: ``seen [batch, seq, m]`` (a running maximum over the
+  sequence, so causal);
+* is this token asking fact j's question? At the relation layer the token's key is mapped to a
+  relation key (:class:`neuraldb.relation.RelationMap`) and compared with fact j's.
+
+    j = argmax over seen facts of cos(R(k), r_j);   out = W k + r_j if cos(R(k), r_j) > ρ, else W k
+
+The residual sits at the relation layer, at the prompt's last token. "Seen" is computed within
+one forward call: with a KV cache, a subject in an earlier call is not seen (the residual written at
+the prompt's last token is already in the cache, which is where the edit was trained to act).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,10 +82,119 @@ class GatedProjection(nn.Module):
         return torch.where(fired.unsqueeze(-1), added, out)
 
 
+class RelationState:
+    """What the subject watch tells the relation gate within one forward: ``seen`` ``[batch, seq, m]``
+    (bool) or None; ``enabled`` is shared by both modules."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.seen: torch.Tensor | None = None
+
+
+class SubjectWatch(nn.Module):
+    """Wraps the subject layer's FFN output projection; returns its output untouched and records in
+    ``state.seen`` which facts' subjects (unit keys ``[m, d_ff]``, thresholds ``[m]``) were seen at or
+    before each token."""
+
+    def __init__(self, base_layer: nn.Module, keys: torch.Tensor, thresholds: torch.Tensor | float,
+                 state: RelationState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.state = state
+        self.set_memory(keys, thresholds)
+
+    def set_memory(self, keys: torch.Tensor, thresholds: torch.Tensor | float) -> None:
+        w = next(self.base_layer.parameters())
+        self.keys = keys.to(w.device, torch.float32)
+        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32).expand(keys.shape[0]).to(w.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        self.state.seen = None
+        if not self.state.enabled or self.keys.shape[0] == 0 or x.dim() != 3:
+            return out
+        hit = (torch.nn.functional.normalize(x.float(), dim=-1) @ self.keys.T) > self.thresholds  # [b, t, m]
+        self.state.seen = hit.to(torch.uint8).cummax(dim=1).values.bool()
+        return out
+
+
+class RelationGatedProjection(nn.Module):
+    """Wraps the relation layer's FFN output projection: adds fact j's residual where j's subject was
+    seen and the token's relation key matches j's above ``rho``. ``relation_keys`` ``[m, r]`` unit-norm,
+    ``residuals`` ``[m, d_model]``; ``relation_map`` maps keys ``[..., d_ff]`` to ``[..., r]``."""
+
+    def __init__(self, base_layer: nn.Module, relation_map: Any, relation_keys: torch.Tensor,
+                 residuals: torch.Tensor, rho: float, state: RelationState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.state = state
+        self.trace: list[Firing] | None = None
+        self.set_memory(relation_map, relation_keys, residuals, rho)
+
+    @property
+    def enabled(self) -> bool:
+        return self.state.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.state.enabled = value
+
+    def set_memory(self, relation_map: Any, relation_keys: torch.Tensor, residuals: torch.Tensor,
+                   rho: float) -> None:
+        w = next(self.base_layer.parameters())
+        self.relation_map = relation_map.to(w.device)
+        self.keys = relation_keys.to(w.device, torch.float32)
+        self.residuals = residuals.to(w.device, torch.float32)
+        self.rho = float(rho)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        seen, self.state.seen = self.state.seen, None
+        if not self.enabled or self.keys.shape[0] == 0 or seen is None or seen.shape[:2] != x.shape[:2]:
+            return out
+        cos = self.relation_map.project(x) @ self.keys.T  # [b, t, m]
+        best, index = cos.masked_fill(~seen, -2.0).max(dim=-1)
+        fired = best > self.rho
+        if self.trace is not None:
+            self.trace.append(Firing(index.cpu(), best.cpu(), fired.cpu()))
+        if not bool(fired.any()):
+            return out
+        added = (out.float() + self.residuals[index]).to(out.dtype)
+        return torch.where(fired.unsqueeze(-1), added, out)
+
+
+def install_relation(model: nn.Module, subject_path: str, relation_path: str, subject_keys: torch.Tensor,
+                     thresholds: torch.Tensor | float, relation_map: Any, relation_keys: torch.Tensor,
+                     residuals: torch.Tensor, rho: float) -> RelationGatedProjection:
+    """Wrap the subject layer's projection in a :class:`SubjectWatch` and the relation layer's in a
+    :class:`RelationGatedProjection` (or update the wrappers already there); returns the gate."""
+    found = find(model)
+    if found is not None and not isinstance(found[1], RelationGatedProjection):
+        unload(model)
+    watch, current = get_module(model, subject_path), get_module(model, relation_path)
+    if isinstance(watch, SubjectWatch) and isinstance(current, RelationGatedProjection):
+        watch.set_memory(subject_keys, thresholds)
+        current.set_memory(relation_map, relation_keys, residuals, rho)
+        return current
+    state = RelationState()
+    _replace(model, subject_path, SubjectWatch(watch, subject_keys, thresholds, state))
+    g = RelationGatedProjection(current, relation_map, relation_keys, residuals, rho, state)
+    _replace(model, relation_path, g)
+    return g
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_module(model, parent_path), name, module)
+
+
 def install(model: nn.Module, path: str, keys: torch.Tensor, residuals: torch.Tensor,
             thresholds: torch.Tensor | float) -> GatedProjection:
     """Wrap the module at ``path`` (or update the wrapper already there) and return the gate;
     ``thresholds``: θ per fact ``[m]``, or γ for every fact."""
+    found = find(model)
+    if found is not None and not isinstance(found[1], GatedProjection):
+        unload(model)
     parent_path, _, name = path.rpartition(".")
     parent = get_module(model, parent_path)
     current = getattr(parent, name)
@@ -81,18 +206,19 @@ def install(model: nn.Module, path: str, keys: torch.Tensor, residuals: torch.Te
     return gate
 
 
-def find(model: nn.Module) -> tuple[str, GatedProjection] | None:
+Gate = GatedProjection | RelationGatedProjection
+
+
+def find(model: nn.Module) -> tuple[str, Gate] | None:
     for name, module in model.named_modules():
-        if isinstance(module, GatedProjection):
+        if isinstance(module, (GatedProjection, RelationGatedProjection)):
             return name, module
     return None
 
 
 def unload(model: nn.Module) -> None:
-    """Put the original projection back (the model is then exactly the base model)."""
-    found = find(model)
-    if found is None:
-        return
-    path, gate = found
-    parent_path, _, name = path.rpartition(".")
-    setattr(get_module(model, parent_path), name, gate.base_layer)
+    """Put the original projections back (the model is then exactly the base model)."""
+    wrapped = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, (GatedProjection, RelationGatedProjection, SubjectWatch))]
+    for path, module in wrapped:
+        _replace(model, path, module.base_layer)

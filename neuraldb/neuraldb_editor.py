@@ -11,24 +11,25 @@ result of a fact does not depend on which facts were written before it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from neuraldb import gate, radius
+from neuraldb import gate, radius, relation
 from neuraldb.editor import Editor, Progress, register
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_meta
+from neuraldb.keys import subject_keys
 from neuraldb.models import LoadedModel
 from neuraldb.store import READS as STORE_FORMATS
 from neuraldb.store import FactStore, StoreError
 from neuraldb.targets import TargetConfig, TargetHparams, Targets, optimize
 from neuraldb.templates import context_templates
 
-GATES = ("cosine", "radius")
+GATES = ("cosine", "radius", "relation")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,11 @@ class NeuralDBHparams(TargetHparams):
     ``layer``/``gamma``: the edit layer and the cosine threshold of the gate; ``gate``:
     ``"cosine"`` (every fact fires above γ, the paper's gate) or ``"radius"`` (a fact's threshold
     is raised above the look-alikes of its subject, ``radius_margin`` over the closest, at most
-    ``radius_cap``: :mod:`neuraldb.radius`); ``batch_size``: the number of facts optimised
+    ``radius_cap``: :mod:`neuraldb.radius`) or ``"relation"`` (a fact fires where its subject
+    was seen, subject key above γ at ``layer``, and the prompt's key at ``relation_layer``, mapped by
+    a rank-``relation_rank`` :class:`neuraldb.relation.RelationMap`, matches the fact's above
+    ``relation_gamma``; the residual then sits at ``relation_layer`` at the prompt's last token:
+    :func:`neuraldb.gate.install_relation`); ``batch_size``: the number of facts optimised
     together; the residual optimisation and context templates:
     :class:`neuraldb.targets.TargetHparams`.
     """
@@ -48,6 +53,9 @@ class NeuralDBHparams(TargetHparams):
     gate: str = "cosine"
     radius_margin: float = 0.02
     radius_cap: float = 0.9
+    relation_layer: int = 14
+    relation_gamma: float = 0.5
+    relation_rank: int = 64
     batch_size: int = 32
 
     def validate(self, lm: LoadedModel) -> None:
@@ -58,6 +66,14 @@ class NeuralDBHparams(TargetHparams):
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if self.gate == "radius" and not self.gamma <= self.radius_cap < 1.0:
             raise ValueError(f"radius_cap must be in [gamma, 1) = [{self.gamma}, 1), got {self.radius_cap}")
+        if self.gate == "relation":
+            lm.arch.check_layer(self.relation_layer)
+            if self.relation_layer <= self.layer:
+                raise ValueError(f"relation_layer must be above layer ({self.layer}), got {self.relation_layer}")
+            if not -1.0 <= self.relation_gamma < 1.0:
+                raise ValueError(f"relation_gamma must be in [-1, 1), got {self.relation_gamma}")
+            if not 1 <= self.relation_rank <= lm.arch.d_ff:
+                raise ValueError(f"relation_rank must be in [1, d_ff={lm.arch.d_ff}], got {self.relation_rank}")
         if not math.isfinite(self.radius_margin):
             raise ValueError(f"radius_margin must be a finite number, got {self.radius_margin}")
         if self.batch_size < 1:
@@ -65,6 +81,8 @@ class NeuralDBHparams(TargetHparams):
         self.target_config().validate()
 
     def target_config(self) -> TargetConfig:  # type: ignore[override]
+        if self.gate == "relation":
+            return replace(super().target_config(self.relation_layer, "ffn"), position="last")
         return super().target_config(self.layer, "ffn")
 
 
@@ -108,12 +126,30 @@ class NeuralDBEditor(Editor):
         if not replace and (clash := next((r.id for r in requests if r.id in existing), None)):
             raise StoreError(f"fact id {clash!r} is already in the store (use replace)")
         templates = self.templates()
+        h = self.hparams
+        if h.gate == "relation" and self.store.relation is None:
+            self.prepare()
         with self.disabled():
-            targets = optimize(self.lm, requests, templates, self.hparams.target_config(),
-                               self.hparams.batch_size, progress)
-        self.store.add(requests, targets.keys, targets.delta, replace=replace, radii=self.radii(requests, targets.keys))
+            targets = optimize(self.lm, requests, templates, h.target_config(), h.batch_size, progress)
+            if h.gate == "relation":
+                keys = subject_keys(self.lm, requests, templates, [h.layer], skip_first=True).keys[h.layer]
+                rel = self.store.relation.project(targets.keys)  # type: ignore[union-attr]
+            else:
+                keys, rel = targets.keys, None
+        self.store.add(requests, keys, targets.delta, replace=replace, radii=self.radii(requests, keys),
+                       relation_keys=rel)
         self.last_targets = targets
         self.install()
+
+    def prepare(self, progress: Progress | None = None, start: Callable[[int], None] | None = None) -> None:
+        """With ``gate="relation"``: load the relation map (fitted on training records once per model,
+        layer and rank, then cached: :func:`neuraldb.relation.cached_map`) into the store."""
+        h = self.hparams
+        if h.gate != "relation" or self.store.relation is not None:
+            return
+        with self.disabled():
+            self.store.relation = relation.cached_map(self.lm, h.relation_layer, h.relation_rank, progress, start)
+        self.store.relation_keys = self.store.relation_keys.new_zeros(len(self.store), h.relation_rank)
 
     def radii(self, requests: list[EditRequest], keys: torch.Tensor) -> torch.Tensor | None:
         """``[F]`` look-alike radii of facts with keys ``[F, d_ff]`` with ``gate="radius"``
@@ -128,9 +164,13 @@ class NeuralDBEditor(Editor):
         self.store.remove(fact_ids)
         self.install()
 
-    def install(self) -> gate.GatedProjection:
-        return gate.install(self.lm.model, self.path, self.store.keys, self.store.residuals,
-                            self.store.thresholds())
+    def install(self) -> gate.Gate:
+        h, s = self.hparams, self.store
+        if h.gate == "relation" and s.relation is not None:
+            return gate.install_relation(self.lm.model, self.path, self.lm.arch.w_out_path(h.relation_layer),
+                                         s.keys, s.thresholds(), s.relation, s.relation_keys, s.residuals,
+                                         h.relation_gamma)
+        return gate.install(self.lm.model, self.path, s.keys, s.residuals, s.thresholds())
 
     def restore(self) -> None:
         gate.unload(self.lm.model)

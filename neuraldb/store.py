@@ -3,7 +3,9 @@
 On disk a store is a folder with ``tensors.safetensors`` (``keys`` ``[m, d_ff]`` float32,
 unit-norm rows; ``residuals`` ``[m, d_model]`` float32; ``radii`` ``[m]`` float32, each fact's
 look-alike radius, −1 for none, see :mod:`neuraldb.radius`; written only when some fact has one,
-a store without radii keeps format 1 and no radii tensor) and ``store.json`` (format version, edit
+a store without radii keeps format 1 and no radii tensor; with the relation gate, format 3 adds
+``relation_keys`` ``[m, r]`` unit-norm and the :class:`neuraldb.relation.RelationMap` tensors, and the
+residuals then sit at the relation layer) and ``store.json`` (format version, edit
 layer, γ, hyperparameters, context templates, model name and fingerprint, the fact records in
 column order, and the sha256 of the tensor file). Same contents → same bytes.
 """
@@ -18,10 +20,12 @@ import torch
 
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_artifact, write_artifact
+from neuraldb.relation import RelationMap
 
 FORMAT = "neuraldb-store/2"
 FORMAT_NO_RADII = "neuraldb-store/1"  # no radii tensor: every fact fires above γ
-READS = (FORMAT, FORMAT_NO_RADII)
+FORMAT_RELATION = "neuraldb-store/3"  # relation keys and the relation map (gate="relation")
+READS = (FORMAT_RELATION, FORMAT, FORMAT_NO_RADII)
 NO_RADIUS = -1.0
 
 
@@ -52,8 +56,13 @@ class FactStore:
     keys: torch.Tensor = None  # type: ignore[assignment]
     residuals: torch.Tensor = None  # type: ignore[assignment]
     radii: torch.Tensor = None  # type: ignore[assignment]
+    relation: RelationMap | None = None
+    relation_keys: torch.Tensor = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        if self.relation_keys is None:
+            self.relation_keys = torch.zeros(len(self.keys) if self.keys is not None else 0,
+                                             0 if self.relation is None else self.relation.rank)
         if self.keys is None:
             self.keys = torch.zeros(0, self.d_ff)
         if self.residuals is None:
@@ -79,11 +88,18 @@ class FactStore:
             raise KeyError(f"no fact with id {fact_id!r} in the store") from None
 
     def add(self, facts: list[EditRequest], keys: torch.Tensor, residuals: torch.Tensor, replace: bool = False,
-            radii: torch.Tensor | None = None) -> None:
-        """Append facts (keys are normalised here; ``radii`` ``[F]``, None: no radius); an existing
-        id is replaced only with ``replace``."""
+            radii: torch.Tensor | None = None, relation_keys: torch.Tensor | None = None) -> None:
+        """Append facts (keys are normalised here; ``radii`` ``[F]``, None: no radius;
+        ``relation_keys`` ``[F, r]``, required when the store has a relation map); an existing id is
+        replaced only with ``replace``."""
         if radii is None:
             radii = torch.full((len(facts),), NO_RADIUS)
+        rank = 0 if self.relation is None else self.relation.rank
+        if relation_keys is None and rank == 0:
+            relation_keys = torch.zeros(len(facts), 0)
+        if relation_keys is None or relation_keys.shape != (len(facts), rank):
+            got = None if relation_keys is None else tuple(relation_keys.shape)
+            raise StoreError(f"shape mismatch: {len(facts)} facts, relation keys {got}, store rank {rank}")
         if keys.shape != (len(facts), self.d_ff) or residuals.shape != (len(facts), self.d_model):
             raise StoreError(f"shape mismatch: {len(facts)} facts, keys {tuple(keys.shape)}, "
                              f"residuals {tuple(residuals.shape)}, store d_ff={self.d_ff} d_model={self.d_model}")
@@ -99,6 +115,8 @@ class FactStore:
         self.keys = torch.cat([self.keys, keys])
         self.residuals = torch.cat([self.residuals, residuals.float()])
         self.radii = torch.cat([self.radii, radii.float()])
+        self.relation_keys = torch.cat([self.relation_keys,
+                                        torch.nn.functional.normalize(relation_keys.float(), dim=1)])
 
     def remove(self, fact_ids: list[str]) -> None:
         drop = {self.index(i) for i in fact_ids}
@@ -107,6 +125,7 @@ class FactStore:
         self.keys = self.keys[keep]
         self.residuals = self.residuals[keep]
         self.radii = self.radii[keep]
+        self.relation_keys = self.relation_keys[keep]
 
     def check_model(self, fingerprint: str, d_ff: int, d_model: int) -> None:
         if (d_ff, d_model) != (self.d_ff, self.d_model):
@@ -122,9 +141,15 @@ class FactStore:
         """Whether any fact has a radius; a store without is written in format 1, as before radii."""
         return bool((self.radii != NO_RADIUS).any())
 
+    def format(self) -> str:
+        if self.relation is not None:
+            return FORMAT_RELATION
+        return FORMAT if self.has_radii() else FORMAT_NO_RADII
+
     def meta(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT if self.has_radii() else FORMAT_NO_RADII,
+        extra = {} if self.relation is None else {"relation_layer": self.relation.layer}
+        return extra | {
+            "format": self.format(),
             "model": {"name": self.model_name, "fingerprint": self.fingerprint,
                       "model_type": self.model_type, "d_ff": self.d_ff, "d_model": self.d_model},
             "layer": self.layer, "gamma": self.gamma, "hparams": self.hparams, "templates": self.templates,
@@ -135,8 +160,10 @@ class FactStore:
         """Write the store folder atomically: a complete new folder replaces the old one."""
         try:
             tensors = {"keys": self.keys, "residuals": self.residuals}
-            if self.has_radii():
+            if self.has_radii() or self.relation is not None:
                 tensors["radii"] = self.radii
+            if self.relation is not None:
+                tensors |= {"relation_keys": self.relation_keys} | self.relation.tensors()
             write_artifact(path, "store.json", self.meta(), tensors)
         except ArtifactError as e:
             raise StoreError(str(e)) from None
@@ -147,8 +174,9 @@ class FactStore:
             meta, t = read_artifact(path, "store.json", READS)
         except ArtifactError as e:
             raise StoreError(str(e)) from None
-        if meta["format"] == FORMAT and "radii" not in t:
-            raise StoreError(f"{path} is corrupt: a {FORMAT} store without its radii tensor")
+        if meta["format"] in (FORMAT, FORMAT_RELATION) and "radii" not in t:
+            raise StoreError(f"{path} is corrupt: a {meta['format']} store without its radii tensor")
+        relation = _relation(path, meta, t)
         radii = t.get("radii")
         if radii is not None and not bool(torch.isfinite(radii.float()).all()):
             raise StoreError(f"{path} is corrupt: radii that are not finite numbers")
@@ -156,8 +184,29 @@ class FactStore:
         store = cls(m["name"], m["fingerprint"], m["model_type"], meta["layer"], meta["gamma"], m["d_ff"],
                     m["d_model"], meta["hparams"], meta["templates"],
                     [EditRequest.from_dict(f) for f in meta["facts"]], t["keys"], t["residuals"],
-                    None if radii is None else radii.float())
+                    None if radii is None else radii.float(), relation,
+                    None if relation is None else t["relation_keys"].float())
         if (store.keys.shape != (len(store), store.d_ff) or store.residuals.shape != (len(store), store.d_model)
-                or store.radii.shape != (len(store),)):
+                or store.radii.shape != (len(store),)
+                or store.relation_keys.shape != (len(store), 0 if relation is None else relation.rank)):
             raise StoreError(f"{path} is corrupt: tensor shapes do not match its {len(store)} facts")
         return store
+
+
+def _relation(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> RelationMap | None:
+    """The relation map of a format-3 store (None for the others), checked."""
+    if meta["format"] != FORMAT_RELATION:
+        return None
+    need = ("relation_keys", "relation_mean", "relation_scale", "relation_weight")
+    if missing := [n for n in need if n not in t]:
+        raise StoreError(f"{path} is corrupt: a {FORMAT_RELATION} store without its {missing[0]} tensor")
+    if not isinstance(meta.get("relation_layer"), int):
+        raise StoreError(f"{path} is corrupt: a {FORMAT_RELATION} store without its relation layer")
+    relation = RelationMap.from_tensors(meta["relation_layer"], t)
+    try:
+        relation.check(meta["model"]["d_ff"])
+    except ValueError as e:
+        raise StoreError(f"{path} is corrupt: {e}") from None
+    if not bool(torch.isfinite(t["relation_keys"].float()).all()):
+        raise StoreError(f"{path} is corrupt: relation keys that are not finite numbers")
+    return relation

@@ -71,8 +71,11 @@ class TargetConfig:
     skip_first_token_keys: bool = True  # see average_keys
     keep_factor: float = 0.0  # weight of the KL on other relations of the subject (0: off, MEMIT's loss)
     keep_templates: tuple[str, ...] = KEEP_TEMPLATES
+    position: Literal["subject", "last"] = "subject"  # where δ is added: the subject's last token or the prompt's
 
     def validate(self) -> None:
+        if self.position not in ("subject", "last"):
+            raise ValueError(f"position must be 'subject' or 'last', got {self.position!r}")
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
         if self.lr <= 0 or self.clamp_norm_factor <= 0:
@@ -163,10 +166,19 @@ class Rows:
 
 
 def build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str], targets: bool = True,
-               keep: tuple[str, ...] = ()) -> Rows:
+               keep: tuple[str, ...] = (), position: Literal["subject", "last"] = "subject") -> Rows:
     """Rows of ``requests`` under every context template (``templates[0]`` is the bare "{}"), one
     KL row per fact, and one row per ``keep`` template. ``targets=False``: prompts only, no KL rows
-    (enough for keys)."""
+    (enough for keys). ``position="last"``: every row's anchor (``subject_last``, where keys are read
+    and δ is added) is its prompt's last token instead of the subject's last token."""
+    rows = _build_rows(lm, requests, templates, targets, keep)
+    if position == "last":
+        rows.encoded = [Encoded(e.ids, e.n_prompt, e.n_prompt - 1) for e in rows.encoded]
+    return rows
+
+
+def _build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str], targets: bool,
+                keep: tuple[str, ...]) -> Rows:
     rows = Rows([], [], [], [], [], [])
     for i, req in enumerate(requests):
         rows.templated.append([])
@@ -380,7 +392,7 @@ def _run(loss_fn: LossFn, n: int, d: int, init_norm: torch.Tensor,
 
 def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: list[str], cfg: TargetConfig) -> Targets:
     model, arch, dev = lm.model, lm.arch, lm.device
-    rows = build_rows(lm, requests, templates, keep=cfg.keep)
+    rows = build_rows(lm, requests, templates, keep=cfg.keep, position=cfg.position)
     batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
     ids, mask, pos, s = (batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.position_ids.to(dev),
                          batch.anchor)
@@ -516,7 +528,7 @@ def optimize(
     """
     cfg.validate()
     lm.arch.check_layer(cfg.layer)
-    order = sorted(range(len(requests)), key=lambda i: _padded_shape(lm, requests[i], templates))
+    order = sorted(range(len(requests)), key=lambda i: _padded_shape(lm, requests[i], templates, cfg.position))
     parts = []
     for start in range(0, len(order), batch_size):
         chunk = [requests[i] for i in order[start : start + batch_size]]
@@ -529,9 +541,10 @@ def optimize(
     return Targets(*(getattr(merged, f)[inverse] for f in ("delta", "keys", "init", "loss", "nll", "steps")))
 
 
-def _padded_shape(lm: LoadedModel, request: EditRequest, templates: list[str]) -> tuple[int, int]:
+def _padded_shape(lm: LoadedModel, request: EditRequest, templates: list[str],
+                  cfg_position: Literal["subject", "last"] = "subject") -> tuple[int, int]:
     """(longest suffix, longest prefix) over the rows of one fact."""
-    rows = build_rows(lm, [request], templates)
+    rows = build_rows(lm, [request], templates, position=cfg_position)
     return (max(len(e.ids) - e.subject_last for e in rows.encoded), max(e.subject_last for e in rows.encoded))
 
 
@@ -557,7 +570,7 @@ def optimize_full_forward(
 def _full_forward_one(lm: LoadedModel, req: EditRequest, templates: list[str], cfg: TargetConfig) -> Targets:
     model, arch, dev = lm.model, lm.arch, lm.device
     site_path, _ = _site_modules(lm, cfg)
-    rows = build_rows(lm, [req], templates, keep=cfg.keep)
+    rows = build_rows(lm, [req], templates, keep=cfg.keep, position=cfg.position)
     batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
     s = batch.anchor
     kw = dict(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),

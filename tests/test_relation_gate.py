@@ -1,0 +1,171 @@
+"""The relation gate on tiny models: a fact fires where its subject was seen and its question is
+asked, nowhere else; where nothing fires, and after removing every fact, the output is the base
+model's bit for bit; a store with a relation map survives a save / load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuraldb import gate
+from neuraldb.facts import EditRequest
+from neuraldb.hooks import capture, get_module
+from neuraldb.neuraldb_editor import NeuralDBEditor, NeuralDBHparams
+from neuraldb.relation import RelationMap, fit
+from neuraldb.store import FORMAT_RELATION, FactStore, StoreError
+
+from .conftest import tiny_model
+
+SUBJECT_LAYER, RELATION_LAYER = 1, 2
+
+
+def _ids(lm, text):
+    return lm.tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+def _identity_map(d_ff: int) -> RelationMap:
+    return RelationMap(RELATION_LAYER, torch.zeros(d_ff), torch.ones(d_ff), torch.eye(d_ff))
+
+
+def _keys(lm, text: str, layer: int) -> torch.Tensor:
+    """``[T, d_ff]`` keys of ``text`` at ``layer`` on the model as it is."""
+    with torch.no_grad(), capture(lm.model, inputs={"k": lm.arch.w_out_path(layer)}) as got:
+        lm.model(_ids(lm, text))
+    return got["k"][0].float()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_fires_only_after_its_subject_and_on_its_question(arch):
+    lm = tiny_model(arch)
+    own, other_subject = "The Eiffel Tower is located in", "Michael Jordan is located in"
+    subj_keys = _keys(lm, own, SUBJECT_LAYER)
+    rel_keys = _keys(lm, own, RELATION_LAYER)
+    n = subj_keys.shape[0]
+    with torch.no_grad():
+        base_own, base_other = lm.model(_ids(lm, own)).logits, lm.model(_ids(lm, other_subject)).logits
+    unit = torch.nn.functional.normalize
+    # the fact: subject = token 2 of `own`, question = `own`'s last token, as the editor stores them
+    g = gate.install_relation(lm.model, lm.arch.w_out_path(SUBJECT_LAYER), lm.arch.w_out_path(RELATION_LAYER),
+                              unit(subj_keys[[2]], dim=-1), 0.999, _identity_map(lm.arch.d_ff),
+                              unit(rel_keys[[n - 1]], dim=-1), torch.randn(1, lm.arch.d_model), 0.999)
+    g.trace = []
+    with torch.no_grad():
+        own_logits = lm.model(_ids(lm, own)).logits
+        other_logits = lm.model(_ids(lm, other_subject)).logits
+    fired = g.trace[0].fired[0]
+    assert fired[n - 1] and int(fired.sum()) == 1, "fires on its own question's last token only"
+    assert torch.equal(own_logits[0, : n - 1], base_own[0, : n - 1]), "tokens before it are untouched"
+    assert not torch.equal(own_logits[0, n - 1], base_own[0, n - 1])
+    assert not bool(g.trace[1].fired.any()), "same question, another subject: the subject was not seen"
+    assert torch.equal(other_logits, base_other)
+    gate.unload(lm.model)
+    assert not isinstance(get_module(lm.model, lm.arch.w_out_path(SUBJECT_LAYER)), gate.SubjectWatch)
+    with torch.no_grad():
+        assert torch.equal(lm.model(_ids(lm, own)).logits, base_own)
+
+
+def test_subject_seen_but_other_question_does_not_fire():
+    lm = tiny_model("llama")
+    own, other_question = "The Eiffel Tower is located in", "The Eiffel Tower was built by"
+    subj, rel = _keys(lm, own, SUBJECT_LAYER), _keys(lm, own, RELATION_LAYER)
+    unit = torch.nn.functional.normalize
+    with torch.no_grad():
+        base = lm.model(_ids(lm, other_question)).logits
+    g = gate.install_relation(lm.model, lm.arch.w_out_path(SUBJECT_LAYER), lm.arch.w_out_path(RELATION_LAYER),
+                              unit(subj[[2]], dim=-1), 0.999, _identity_map(lm.arch.d_ff), unit(rel[[-1]], dim=-1),
+                              torch.randn(1, lm.arch.d_model), 0.999)
+    g.trace = []
+    with torch.no_grad():
+        assert torch.equal(lm.model(_ids(lm, other_question)).logits, base)
+    assert not bool(g.trace[0].fired.any())
+    gate.unload(lm.model)
+
+
+FACT = EditRequest("lennon", "{} performs on the", "John Lennon", " basketball", " guitar")
+HP = NeuralDBHparams(layer=SUBJECT_LAYER, gamma=0.9, gate="relation", relation_layer=RELATION_LAYER,
+                     relation_gamma=0.9, relation_rank=16, steps=30, lr=0.5, weight_decay=0.0, kl_factor=0.0,
+                     clamp_norm_factor=1e4, n_templates=0)
+
+
+def _editor(lm) -> NeuralDBEditor:
+    ed = NeuralDBEditor(lm, HP)
+    d = lm.arch.d_ff
+    ed.store.relation = RelationMap(RELATION_LAYER, torch.zeros(d), torch.ones(d),
+                                    torch.randn(d, 16, generator=torch.Generator().manual_seed(0)))
+    ed.store.relation_keys = torch.zeros(0, 16)
+    return ed
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_editor_edits_removes_and_round_trips(arch, tmp_path):
+    lm = tiny_model(arch)
+    prompt, unrelated = FACT.prompt, "Rome is the capital of"
+    with torch.no_grad():
+        base, base_unrelated = lm.model(_ids(lm, prompt)).logits, lm.model(_ids(lm, unrelated)).logits
+    ed = _editor(lm)
+    ed.edit([FACT])
+    target = lm.tokenizer(FACT.target_new, add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        edited = lm.model(_ids(lm, prompt)).logits
+        assert torch.equal(lm.model(_ids(lm, unrelated)).logits, base_unrelated)
+    gain = torch.log_softmax(edited[0, -1], -1)[target] - torch.log_softmax(base[0, -1], -1)[target]
+    assert gain > 0.01, "the edited target became more likely at the prompt's last token"
+    ed.save(tmp_path / "s")
+    loaded = NeuralDBEditor.load(lm, tmp_path / "s")
+    assert FactStore.load(tmp_path / "s").meta()["format"] == FORMAT_RELATION
+    with torch.no_grad():
+        assert torch.equal(lm.model(_ids(lm, prompt)).logits, edited)
+    loaded.remove(["lennon"])
+    with torch.no_grad():
+        assert torch.equal(lm.model(_ids(lm, prompt)).logits, base), "removing every fact gives the base back"
+    loaded.restore()
+
+
+def test_store_without_its_relation_tensors_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from neuraldb.files import sha256_file
+
+    lm = tiny_model("llama")
+    ed = _editor(lm)
+    ed.edit([FACT])
+    ed.save(tmp_path / "s")
+    ed.restore()
+    t = load_file(str(tmp_path / "s" / "tensors.safetensors"))
+    del t["relation_weight"]
+    save_file(t, str(tmp_path / "s" / "tensors.safetensors"))
+    meta = (tmp_path / "s" / "store.json").read_text()
+    import json
+
+    m = json.loads(meta)
+    m["tensors_sha256"] = sha256_file(tmp_path / "s" / "tensors.safetensors")
+    (tmp_path / "s" / "store.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="relation_weight"):
+        FactStore.load(tmp_path / "s")
+
+
+def test_relation_map_fit_separates_labelled_pairs():
+    g = torch.Generator().manual_seed(0)
+    relation = torch.randn(4, 32, generator=g)  # four questions; keys = question + wording noise
+    which = torch.arange(200) % 4
+    a = relation[which] + 0.8 * torch.randn(200, 32, generator=g)
+    same = relation[which] + 0.8 * torch.randn(200, 32, generator=g)
+    other = relation[(which + 1) % 4] + 0.8 * torch.randn(200, 32, generator=g)
+    m = fit(torch.cat([a, a]), torch.cat([same, other]), torch.cat([torch.ones(200), torch.zeros(200)]).bool(),
+            layer=RELATION_LAYER, rank=8, steps=300)
+    c_same = (m.project(a) * m.project(same)).sum(-1)
+    c_other = (m.project(a) * m.project(other)).sum(-1)
+    assert float(c_same.mean()) > float(c_other.mean()) + 0.5
+    again = fit(torch.cat([a, a]), torch.cat([same, other]), torch.cat([torch.ones(200), torch.zeros(200)]).bool(),
+                layer=RELATION_LAYER, rank=8, steps=300)
+    assert torch.equal(m.weight, again.weight), "seeded: the same pairs give the same map"
+
+
+def test_hparams_validation():
+    lm = tiny_model("llama")
+    with pytest.raises(ValueError, match="relation_layer must be above"):
+        HP.replace(relation_layer=SUBJECT_LAYER).validate(lm)
+    with pytest.raises(ValueError, match="relation_gamma"):
+        HP.replace(relation_gamma=1.5).validate(lm)
+    with pytest.raises(ValueError, match="relation_rank"):
+        HP.replace(relation_rank=0).validate(lm)
