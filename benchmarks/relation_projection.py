@@ -10,8 +10,9 @@ output projection) at the last token of prompt pairs from the **training** recor
 * should not match — ``Relation_Specificity`` and ``Forgetfulness``: the KnowEdit edit prompt and another
   question about the same subject.
 
-It fits a linear map ``W`` [d_ff, rank] on standardised keys with a margin loss (pairs that should match
-above ``--pos`` cosine, the others below ``--neg``) on 80 % of the records (split by record, seeded) and
+It fits a :class:`neuraldb.relation.RelationMap` (the gate's own fit: a linear map ``W`` [d_ff, rank] on
+standardised keys with a margin loss (pairs that should match
+above ``--pos`` cosine, the others below ``--neg``)) on 80 % of the records (split by record, seeded) and
 reports, on the held-out 20 %, the median cosine and the share above 0.5 of each pair kind, for the raw
 key and for the projection, in one run (JSON).
 
@@ -27,15 +28,12 @@ from dataclasses import dataclass
 
 import torch
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress
 from rich.table import Table
 
 from evals import datasets
-from neuraldb import models
+from neuraldb import models, relation
 from neuraldb.files import write_json
-from neuraldb.hooks import capture, stop_after
-from neuraldb.models import LoadedModel
-from neuraldb.prompts import encode
 
 MATCH = {"cf_para": 1, "cf_neigh": 1, "Subject_Aliasing": 1, "Relation_Specificity": 0, "Forgetfulness": 0}
 
@@ -67,34 +65,6 @@ def pairs(n_cf: int) -> list[Pair]:
     return out
 
 
-@torch.no_grad()
-def last_keys(lm: LoadedModel, texts: list[str], layer: int) -> dict[str, torch.Tensor]:
-    """Key ``[d_ff]`` at the last token of each distinct text, at ``layer``."""
-    out: dict[str, torch.Tensor] = {}
-    for text in track(sorted(set(texts)), description=f"keys at layer {layer}"):
-        ids = torch.tensor([encode(lm.tokenizer, text).ids], device=lm.device)
-        with capture(lm.model, inputs={"k": lm.arch.w_out_path(layer)}) as got:
-            with stop_after(lm.model, lm.arch.layer_path(layer)):
-                lm.backbone(input_ids=ids)
-        out[text] = got["k"][0, -1].float().cpu()
-    return out
-
-
-def fit(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, rank: int, pos: float, neg: float,
-        steps: int) -> torch.Tensor:
-    """``W`` [d, rank] so that cos(aW, bW) > pos where y = 1 and < neg where y = 0 (a, b: [n, d] standardised)."""
-    w = torch.nn.Parameter(torch.randn(a.shape[1], rank) / a.shape[1] ** 0.5)
-    opt = torch.optim.Adam([w], lr=1e-3)
-    weight = torch.where(y == 1, 1.0, float((y == 1).sum()) / max(1, int((y == 0).sum())))
-    for _ in track(range(steps), description="fitting"):
-        c = torch.nn.functional.cosine_similarity(a @ w, b @ w, dim=-1)
-        loss = (weight * torch.where(y == 1, torch.relu(pos - c), torch.relu(c - neg))).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return w.detach()
-
-
 def summary(c: torch.Tensor, ps: list[Pair], mask: torch.Tensor) -> dict[str, dict[str, float]]:
     out = {}
     for kind in MATCH:
@@ -124,15 +94,17 @@ def main() -> None:
     held = set(records[: len(records) // 5])
     test = torch.tensor([p.record in held for p in ps])
     lm = models.load(args.model)
-    keys = last_keys(lm, [p.a for p in ps] + [p.b for p in ps], args.layer)
-    a = torch.stack([keys[p.a] for p in ps])
-    b = torch.stack([keys[p.b] for p in ps])
-    y = torch.tensor([p.label for p in ps], dtype=torch.float)
-    both = torch.cat([a[~test], b[~test]])
-    mu, sd = both.mean(0), both.std(0) + 1e-3
-    w = fit((a[~test] - mu) / sd, (b[~test] - mu) / sd, y[~test], args.rank, args.pos, args.neg, args.steps)
+    texts = sorted({t for p in ps for t in (p.a, p.b)})
+    with Progress() as bar:
+        task = bar.add_task(f"keys at layer {args.layer}", total=len(texts))
+        keys = relation.last_token_keys(lm, texts, args.layer, progress=lambda n: bar.advance(task, n))
+    row = {t: i for i, t in enumerate(texts)}
+    a = keys[torch.tensor([row[p.a] for p in ps])]
+    b = keys[torch.tensor([row[p.b] for p in ps])]
+    y = torch.tensor([p.label for p in ps], dtype=torch.bool)
+    m = relation.fit(a[~test], b[~test], y[~test], args.layer, args.rank, args.pos, args.neg, args.steps, args.seed)
     raw = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-    proj = torch.nn.functional.cosine_similarity((a - mu) / sd @ w, (b - mu) / sd @ w, dim=-1)
+    proj = (m.project(a) * m.project(b)).sum(-1)
     result = {"model": lm.name, "layer": args.layer, "rank": args.rank, "pairs": len(ps),
               "records": len(records), "held_out_records": len(held), "margins": [args.pos, args.neg],
               "steps": args.steps, "seed": args.seed,

@@ -50,6 +50,9 @@ def check(result: dict[str, Any], editor: str = "neuraldb") -> None:
     hp = row.get("hparams")
     if not isinstance(hp, dict) or "layer" not in hp or "gamma" not in hp:
         raise ValueError(f"row {editor!r} is not a NeuralDB row (its hyperparameters have no layer and gamma)")
+    if hp.get("gate") == "relation":
+        raise ValueError(f"row {editor!r} uses gate=relation, which explain does not trace yet (it rebuilds the "
+                         "subject keys only)")
     proto, d = result.get("protocol"), result.get("dataset")
     if not isinstance(proto, dict) or not isinstance(proto.get("n"), list) or not proto["n"]:
         raise ValueError("the result has no protocol with a list of edit counts n")

@@ -6,6 +6,10 @@ makes the model say the new target, see :mod:`neuraldb.targets`), and appending 
 store. Base weights never change: removing a fact or unloading the gate restores the base model.
 Residuals are always optimised against the base model (the gate is off while editing), so the
 result of a fact does not depend on which facts were written before it.
+
+With ``gate="relation"`` a fact also gets a relation key (the key at the edit prompt's last token at
+``relation_layer``, under the store's :class:`neuraldb.relation.RelationMap`), and its residual is
+optimised at that layer at the prompt's last token (:mod:`neuraldb.gate`, the relation gate).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class NeuralDBHparams(TargetHparams):
     gate: str = "cosine"
     radius_margin: float = 0.02
     radius_cap: float = 0.9
-    relation_layer: int = 14
+    relation_layer: int = 22  # the model presets set it (3/4 of the depth otherwise)
     relation_gamma: float = 0.5
     relation_rank: int = 64
     batch_size: int = 32
@@ -88,8 +92,8 @@ class NeuralDBHparams(TargetHparams):
 
 # Chosen by `python benchmarks/sweep_neuraldb.py` on CounterFact training records (README).
 PRESETS: dict[str, dict[str, float | int]] = {
-    "smollm2-135m": {"layer": 6, "gamma": 0.65},
-    "gemma3-270m": {"layer": 2, "gamma": 0.9},
+    "smollm2-135m": {"layer": 6, "gamma": 0.65, "relation_layer": 22},
+    "gemma3-270m": {"layer": 2, "gamma": 0.9, "relation_layer": 13},
 }
 
 
@@ -107,8 +111,10 @@ class NeuralDBEditor(Editor):
 
     @classmethod
     def default_hparams(cls, lm: LoadedModel) -> NeuralDBHparams:
-        preset = PRESETS.get(lm.name, {"layer": max(1, lm.arch.n_layers // 4)})
-        return NeuralDBHparams(**preset)
+        n = lm.arch.n_layers
+        layer = max(1, n // 4)
+        fallback = {"layer": layer, "relation_layer": min(n - 1, max(layer + 1, (3 * n) // 4))}
+        return NeuralDBHparams(**PRESETS.get(lm.name, fallback))
 
     @property
     def path(self) -> str:
@@ -147,6 +153,8 @@ class NeuralDBEditor(Editor):
         h = self.hparams
         if h.gate != "relation" or self.store.relation is not None:
             return
+        if len(self.store):
+            raise StoreError("the store holds facts without relation keys: gate=relation needs a store of its own")
         with self.disabled():
             self.store.relation = relation.cached_map(self.lm, h.relation_layer, h.relation_rank, progress, start)
         self.store.relation_keys = self.store.relation_keys.new_zeros(len(self.store), h.relation_rank)

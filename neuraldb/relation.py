@@ -26,8 +26,10 @@ from neuraldb.prompts import encode
 
 FORMAT = "neuraldb-relation-map/1"
 # the training pairs of the cached map: this many CounterFact training records (their paraphrases
-# and one neighbourhood prompt each) and every KnowEdit WikiData_Counterfact training record
+# and one neighbourhood prompt each) and the KnowEdit WikiData_Counterfact training records, both
+# after the first SKIP records of each file, which sweeps run on (so they measure unseen records)
 N_COUNTERFACT = 2000
+SKIP = 100
 
 
 @dataclass
@@ -132,20 +134,21 @@ def fit_pairs(lm: LoadedModel, pairs: list[Pair], layer: int, rank: int = 64, po
     return fit(a, b, torch.tensor([p.match for p in pairs]), layer, rank, pos, neg, steps, seed)
 
 
-def training_pairs(n_counterfact: int = N_COUNTERFACT) -> list[Pair]:
-    """Prompt pairs from **training** records under ``$NEURALDB_DATA``: a CounterFact edit prompt with
+def training_pairs(n_counterfact: int = N_COUNTERFACT, skip: int = SKIP) -> list[Pair]:
+    """Prompt pairs from **training** records under ``$NEURALDB_DATA`` (after the first ``skip`` of
+    each file; ``n_counterfact`` CounterFact records): a CounterFact edit prompt with
     each paraphrase and its first neighbourhood prompt (same relation: match), a KnowEdit edit prompt
     with its Subject_Aliasing prompts (match) and its Relation_Specificity and Forgetfulness prompts
     (another question about the subject: no match)."""
     from evals import datasets  # the dataset registry reads the local files
 
     out = []
-    for r in datasets.load("counterfact-train").records[:n_counterfact]:
+    for r in datasets.load("counterfact-train").records[skip : skip + n_counterfact]:
         prompt = r.request.template.format(r.request.subject)
         out += [Pair(prompt, p, True) for p in r.request.paraphrases]
         out += [Pair(prompt, p, True) for p, _ in r.request.locality[:1]]
     kinds = {"Subject_Aliasing": True, "Relation_Specificity": False, "Forgetfulness": False}
-    for r in datasets.load("knowedit-cf-train").records:
+    for r in datasets.load("knowedit-cf-train").records[skip:]:
         prompt = r.request.template.format(r.request.subject)
         out += [Pair(prompt, pr.prompt, kinds[pr.kind]) for pr in r.probes if pr.kind in kinds]
     return out
@@ -156,7 +159,7 @@ def cached_map(lm: LoadedModel, layer: int, rank: int, progress: Callable[[int],
     """The relation map of ``lm`` at ``layer`` and ``rank``: read from the cache
     (``~/.cache/neuraldb/relation/``), or fitted on :func:`training_pairs` with the defaults of
     :func:`fit` and cached (atomically). ``start(total)`` / ``progress(done)``: prompts read."""
-    path = cache_dir() / "relation" / f"{lm.name}-{lm.fingerprint[:16]}-L{layer}-r{rank}"
+    path = cache_dir() / "relation" / f"{lm.name}-{lm.fingerprint[:16]}-L{layer}-r{rank}-s{SKIP}"
     try:
         meta, t = read_artifact(path, "relation.json", FORMAT)
         if meta["fingerprint"] == lm.fingerprint:
@@ -168,6 +171,6 @@ def cached_map(lm: LoadedModel, layer: int, rank: int, progress: Callable[[int],
         start(len({x for p in pairs for x in (p.a, p.b)}))
     found = fit_pairs(lm, pairs, layer, rank, progress=progress)
     meta = {"format": FORMAT, "model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "rank": rank,
-            "pairs": len(pairs), "n_counterfact": N_COUNTERFACT}
+            "pairs": len(pairs), "n_counterfact": N_COUNTERFACT, "skip": SKIP}
     write_artifact(path, "relation.json", meta, found.tensors())
     return found

@@ -169,3 +169,11 @@ def test_hparams_validation():
         HP.replace(relation_gamma=1.5).validate(lm)
     with pytest.raises(ValueError, match="relation_rank"):
         HP.replace(relation_rank=0).validate(lm)
+
+
+def test_explain_refuses_a_relation_gate_row():
+    from evals.explain import check
+
+    result = {"editors": {"neuraldb": {"hparams": {"layer": 6, "gamma": 0.65, "gate": "relation"}}}}
+    with pytest.raises(ValueError, match="gate=relation"):
+        check(result)
