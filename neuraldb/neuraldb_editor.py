@@ -223,6 +223,10 @@ class NeuralDBEditor(Editor):
         store.check_model(lm.fingerprint, lm.arch.d_ff, lm.arch.d_model)
         known = set(NeuralDBHparams.__dataclass_fields__)
         hparams = NeuralDBHparams(**{k: v for k, v in store.hparams.items() if k in known})
+        if (hparams.gate == "relation") != (store.relation is not None) or (
+                store.relation is not None and store.relation.layer != hparams.relation_layer):
+            raise StoreError(f"{path} is corrupt: its gate ({hparams.gate}, relation layer "
+                             f"{hparams.relation_layer}) does not match its relation map")
         editor = cls(lm, hparams, store)
         editor.install()
         return editor

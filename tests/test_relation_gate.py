@@ -177,3 +177,19 @@ def test_explain_refuses_a_relation_gate_row():
     result = {"editors": {"neuraldb": {"hparams": {"layer": 6, "gamma": 0.65, "gate": "relation"}}}}
     with pytest.raises(ValueError, match="gate=relation"):
         check(result)
+
+
+def test_store_whose_gate_does_not_match_its_map_is_refused(tmp_path):
+    import json
+
+    lm = tiny_model("llama")
+    ed = _editor(lm)
+    ed.edit([FACT])
+    ed.save(tmp_path / "s")
+    ed.restore()
+    meta_path = tmp_path / "s" / "store.json"
+    m = json.loads(meta_path.read_text())
+    m["hparams"]["gate"] = "cosine"
+    meta_path.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="does not match its relation map"):
+        NeuralDBEditor.load(lm, tmp_path / "s")
