@@ -74,12 +74,7 @@ class GatedProjection(nn.Module):
         cos = torch.nn.functional.normalize(x.float(), dim=-1) @ self.keys.T  # [..., m]
         best, index = cos.max(dim=-1)
         fired = best > self.thresholds[index]
-        if self.trace is not None:
-            self.trace.append(Firing(index.cpu(), best.cpu(), fired.cpu()))
-        if not bool(fired.any()):
-            return out
-        added = (out.float() + self.residuals[index]).to(out.dtype)
-        return torch.where(fired.unsqueeze(-1), added, out)
+        return _add_fired(out, best, index, fired, self.residuals, self.trace)
 
 
 class RelationState:
@@ -154,13 +149,19 @@ class RelationGatedProjection(nn.Module):
             return out
         cos = self.relation_map.project(x) @ self.keys.T  # [b, t, m]
         best, index = cos.masked_fill(~seen, -2.0).max(dim=-1)
-        fired = best > self.rho
-        if self.trace is not None:
-            self.trace.append(Firing(index.cpu(), best.cpu(), fired.cpu()))
-        if not bool(fired.any()):
-            return out
-        added = (out.float() + self.residuals[index]).to(out.dtype)
-        return torch.where(fired.unsqueeze(-1), added, out)
+        return _add_fired(out, best, index, best > self.rho, self.residuals, self.trace)
+
+
+def _add_fired(out: torch.Tensor, best: torch.Tensor, index: torch.Tensor, fired: torch.Tensor,
+               residuals: torch.Tensor, trace: list[Firing] | None) -> torch.Tensor:
+    """``out`` ``[..., d_model]`` plus ``residuals[index]`` where ``fired`` (``[...]``), untouched
+    elsewhere (bit for bit); the firing is appended to ``trace`` when tracing."""
+    if trace is not None:
+        trace.append(Firing(index.cpu(), best.cpu(), fired.cpu()))
+    if not bool(fired.any()):
+        return out
+    added = (out.float() + residuals[index]).to(out.dtype)
+    return torch.where(fired.unsqueeze(-1), added, out)
 
 
 def install_relation(model: nn.Module, subject_path: str, relation_path: str, subject_keys: torch.Tensor,

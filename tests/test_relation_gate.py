@@ -4,11 +4,16 @@ model's bit for bit; a store with a relation map survives a save / load."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from evals.explain import check
 from neuraldb import gate
 from neuraldb.facts import EditRequest
+from neuraldb.files import sha256_file
 from neuraldb.hooks import capture, get_module
 from neuraldb.neuraldb_editor import NeuralDBEditor, NeuralDBHparams
 from neuraldb.relation import RelationMap, fit
@@ -121,23 +126,20 @@ def test_editor_edits_removes_and_round_trips(arch, tmp_path):
     loaded.restore()
 
 
-def test_store_without_its_relation_tensors_is_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from neuraldb.files import sha256_file
-
-    lm = tiny_model("llama")
+def _saved_store(lm, path) -> None:
+    """One relation-gate fact saved as a store at ``path``; the model is given back."""
     ed = _editor(lm)
     ed.edit([FACT])
-    ed.save(tmp_path / "s")
+    ed.save(path)
     ed.restore()
+
+
+def test_store_without_its_relation_tensors_is_refused(tmp_path):
+    _saved_store(tiny_model("llama"), tmp_path / "s")
     t = load_file(str(tmp_path / "s" / "tensors.safetensors"))
     del t["relation_weight"]
     save_file(t, str(tmp_path / "s" / "tensors.safetensors"))
-    meta = (tmp_path / "s" / "store.json").read_text()
-    import json
-
-    m = json.loads(meta)
+    m = json.loads((tmp_path / "s" / "store.json").read_text())
     m["tensors_sha256"] = sha256_file(tmp_path / "s" / "tensors.safetensors")
     (tmp_path / "s" / "store.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match="relation_weight"):
@@ -172,21 +174,14 @@ def test_hparams_validation():
 
 
 def test_explain_refuses_a_relation_gate_row():
-    from evals.explain import check
-
     result = {"editors": {"neuraldb": {"hparams": {"layer": 6, "gamma": 0.65, "gate": "relation"}}}}
     with pytest.raises(ValueError, match="gate=relation"):
         check(result)
 
 
 def test_store_whose_gate_does_not_match_its_map_is_refused(tmp_path):
-    import json
-
     lm = tiny_model("llama")
-    ed = _editor(lm)
-    ed.edit([FACT])
-    ed.save(tmp_path / "s")
-    ed.restore()
+    _saved_store(lm, tmp_path / "s")
     meta_path = tmp_path / "s" / "store.json"
     m = json.loads(meta_path.read_text())
     m["hparams"]["gate"] = "cosine"
