@@ -160,7 +160,7 @@ def _prepare(editor: Any) -> None:
     with _progress() as bar:
         task: list[Any] = []
         editor.prepare(progress=lambda n: bar.advance(task[0], n),
-                       start=lambda total: task.append(bar.add_task("statistics (tokens)", total=total)))
+                       start=lambda total: task.append(bar.add_task(editor.prepare_label, total=total)))
 
 
 @app.command()

@@ -1,16 +1,18 @@
 """Why a NeuralDB result scored as it did: which stored fact fired on which scored prompt.
 
 For a saved ``eval`` / ``compare`` result with a NeuralDB row, :func:`explain` rebuilds the store's
-keys and thresholds as that row's editor built them (same records, hyperparameters and context
-templates; keys and radii need no residual optimisation), traces every scored sequence up to the
-edit layer (:mod:`evals.firing`) and, with the per-case file, relates each score change to the
+keys and thresholds (with ``gate=relation`` also the relation keys) as that row's editor built them
+(same records, hyperparameters and context templates; keys and radii need no residual
+optimisation: :meth:`NeuralDBEditor.gate_keys`), traces every scored sequence up to the layer where
+the gate decides (:mod:`evals.firing`) and, with the per-case file, relates each score change to the
 firing behind it:
 
 * per family (edit prompt, paraphrases, neighbourhood / locality prompts): prompts scored, prompts
   where some fact fired, by kind — the record's ``own`` fact (edit and paraphrase prompts), a fact
   whose subject the prompt mentions (``same_subject``: on KnowEdit's relation-specificity prompts
   the record's own fact asked another relation), a fact whose subject ends in the fired token
-  (``shared_last_word``), any ``other``;
+  (``shared_last_word``; the relation gate fires at the question's end, so there: whose subject's
+  last word the prompt holds), any ``other``;
 * neighbourhood prompts that got worse (CounterFact: flipped from the true to the new object;
   ZsRE: lower token accuracy), by the kind of the firing behind them (``none``: nothing fired, so
   the change is float noise — the gate returns the base output bit for bit there);
@@ -26,12 +28,10 @@ from typing import Any
 import torch
 
 from evals import datasets
-from evals.firing import Group, kinds, trace_groups
+from evals.firing import Group, kinds, scored_rows, trace_groups
 from evals.protocol import records_sha
-from neuraldb import gate
-from neuraldb.keys import subject_keys
 from neuraldb.models import LoadedModel
-from neuraldb.neuraldb_editor import NeuralDBEditor, NeuralDBHparams
+from neuraldb.neuraldb_editor import GateKeys, NeuralDBEditor, NeuralDBHparams
 
 LABEL = {"mentioned": "same_subject", "same_ending": "shared_last_word", "own": "own", "unrelated": "other"}
 ORDER = ("same_subject", "shared_last_word", "own", "other")  # the cause named when several fired
@@ -50,9 +50,6 @@ def check(result: dict[str, Any], editor: str = "neuraldb") -> None:
     hp = row.get("hparams")
     if not isinstance(hp, dict) or "layer" not in hp or "gamma" not in hp:
         raise ValueError(f"row {editor!r} is not a NeuralDB row (its hyperparameters have no layer and gamma)")
-    if hp.get("gate") == "relation":
-        raise ValueError(f"row {editor!r} uses gate=relation, which explain does not trace yet (it rebuilds the "
-                         "subject keys only)")
     proto, d = result.get("protocol"), result.get("dataset")
     if not isinstance(proto, dict) or not isinstance(proto.get("n"), list) or not proto["n"]:
         raise ValueError("the result has no protocol with a list of edit counts n")
@@ -62,9 +59,10 @@ def check(result: dict[str, Any], editor: str = "neuraldb") -> None:
         raise ValueError("the result does not name its dataset and records hash")
 
 
-def store_of(lm: LoadedModel, result: dict[str, Any], editor: str = "neuraldb") -> tuple[list, torch.Tensor,
-                                                                                       torch.Tensor, int]:
-    """(records, unit keys ``[m, d_ff]``, thresholds θ ``[m]``, layer) of ``result``'s NeuralDB row."""
+def store_of(lm: LoadedModel, result: dict[str, Any], editor: str = "neuraldb") -> tuple[list, NeuralDBEditor,
+                                                                                       GateKeys]:
+    """(records, an editor with the row's hparams, what its store would hold to decide firing) of
+    ``result``'s NeuralDB row."""
     check(result, editor)
     known = set(NeuralDBHparams.__dataclass_fields__)
     hp = NeuralDBHparams(**{k: v for k, v in result["editors"][editor]["hparams"].items() if k in known})
@@ -73,29 +71,14 @@ def store_of(lm: LoadedModel, result: dict[str, Any], editor: str = "neuraldb") 
     records = datasets.select(datasets.load(d["name"]).records, max(proto["n"]), proto.get("sample_seed"))
     if records_sha(records) != d["records_sha256"]:
         raise ValueError(f"the records of {d['name']} here are not the ones the result was run on")
-    requests = [r.request for r in records]
     ed = NeuralDBEditor(lm, hp)
-    keys = subject_keys(lm, requests, ed.templates(), [hp.layer],
-                        skip_first=hp.target_config().skip_first_token_keys).keys[hp.layer]
-    radii = ed.radii(requests, keys)
-    radii = torch.full((len(requests),), -1.0) if radii is None else radii
-    return records, torch.nn.functional.normalize(keys, dim=1), torch.clamp(radii, min=hp.gamma), hp.layer
+    return records, ed, ed.gate_keys([r.request for r in records])
 
 
-def _rows(kind: str, requests: list) -> dict[str, list[tuple[int, str, tuple[str, ...]]]]:
-    """The scored sequences of each family as scoring runs them: (record, prompt, answers)."""
-    if kind == "zsre":
-        return {"rewrite": [(i, r.prompt, (r.target_new,)) for i, r in enumerate(requests)],
-                "paraphrase": [(i, p, (r.target_new,)) for i, r in enumerate(requests) for p in r.paraphrases],
-                "neighborhood": [(i, p, (a,)) for i, r in enumerate(requests) for p, a in r.locality]}
-    true = [r.target_true or "" for r in requests]
-    return {"rewrite": [(i, r.prompt, (r.target_new, true[i])) for i, r in enumerate(requests)],
-            "paraphrase": [(i, p, (r.target_new, true[i])) for i, r in enumerate(requests) for p in r.paraphrases],
-            "neighborhood": [(i, p, (r.target_new, a)) for i, r in enumerate(requests) for p, a in r.locality]}
-
-
-def _why(group: Group, own: int, theta: torch.Tensor, prompt: str, subjects: list[str], tok: Any) -> set[str]:
-    return {LABEL[k.rsplit("_", 1)[0]] for t in group for k in kinds(t, own, theta, prompt, subjects, tok)}
+def _why(group: Group, own: int, theta: torch.Tensor, prompt: str, subjects: list[str], tok: Any,
+         relation: bool) -> set[str]:
+    return {LABEL[k.rsplit("_", 1)[0]] for t in group
+            for k in kinds(t, own, theta, prompt, subjects, tok, ending_anywhere=relation)}
 
 
 def _cause(why: set[str]) -> str:
@@ -116,25 +99,27 @@ def _hit(kind: str, score: Any) -> bool:
 def explain(lm: LoadedModel, result: dict[str, Any], cases: dict[str, Any] | None = None,
             editor: str = "neuraldb", n_examples: int = 12) -> dict[str, Any]:
     """The firing analysis of ``result``'s NeuralDB row (see the module docstring) as JSON."""
-    records, keys, theta, layer = store_of(lm, result, editor)
+    records, ed, gk = store_of(lm, result, editor)
     requests = [r.request for r in records]
     kind = result["dataset"]["kind"]
     m, tok = len(requests), lm.tokenizer
-    g = gate.install(lm.model, lm.arch.w_out_path(layer), keys, torch.zeros(m, lm.arch.d_model), -1.0)
+    relation = gk.relation is not None
     try:
-        rows = _rows(kind, requests)
+        g, layer, theta = ed.trace_gate(gk)
+        rows = scored_rows(kind, requests)
         traced = {fam: trace_groups(lm, g, layer, v, m) for fam, v in rows.items()}
     finally:
-        gate.unload(lm.model)
+        ed.restore()
     subjects = [r.subject for r in requests]
     prompts = {fam: [[p for j, p, _ in v if j == i] for i in range(m)] for fam, v in rows.items()}
     gamma = float(result["editors"][editor]["hparams"]["gamma"])
     out: dict[str, Any] = {"model": lm.name, "dataset": result["dataset"]["name"], "facts": m, "layer": layer,
-                           "thresholds": {"min": float(theta.min()), "mean": float(theta.mean()),
-                                          "raised": int((theta > gamma).sum())}, "families": {}}
+                           "gate": ed.hparams.gate,
+                           "thresholds": {"min": float(gk.theta.min()), "mean": float(gk.theta.mean()),
+                                          "raised": int((gk.theta > gamma).sum())}, "families": {}}
     # on neighbourhood prompts the cause is what matters (own=-1): the record's own fact firing on
     # another question about its subject is same_subject, on a look-alike shared_last_word
-    why = {fam: [[_why(gr, -1 if fam == "neighborhood" else i, theta, p, subjects, tok)
+    why = {fam: [[_why(gr, -1 if fam == "neighborhood" else i, theta, p, subjects, tok, relation)
                   for gr, p in zip(traced[fam][i], prompts[fam][i])] for i in range(m)] for fam in rows}
     for fam in rows:
         flat = [w for ws in why[fam] for w in ws]

@@ -13,6 +13,7 @@ Used by ``neuraldb explain`` and the firing benchmarks.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -68,22 +69,30 @@ def fires_own(t: Trace, own: int, theta: torch.Tensor) -> bool:
 WHO = ("own", "mentioned", "same_ending", "unrelated")
 
 
-def kinds(t: Trace, own: int, theta: torch.Tensor, prompt: str, subjects: list[str], tok: object) -> set[str]:
+def kinds(t: Trace, own: int, theta: torch.Tensor, prompt: str, subjects: list[str], tok: object,
+          ending_anywhere: bool = False) -> set[str]:
     """Kinds of firing at the scored positions of ``t`` (empty: nothing fires). Whose fact: the
     record's own; another whose subject occurs in the prompt (``mentioned``: that subject was itself
     edited); another whose subject ends in the fired token's text (``same_ending``: a key taken at a
-    generic last word such as ' Island' or ' II'); any other (``unrelated``). Where: a prompt token
-    or an answer token."""
+    generic last word such as ' Island' or ' II'; with ``ending_anywhere``, for the relation gate,
+    which fires at the question's end: the subject's last word is a word of the prompt); any other
+    (``unrelated``). Where: a prompt token or an answer token."""
     out = set()
     for pos in t.scored():
         if float(t.cosine[pos]) <= float(theta[t.index[pos]]):
             continue
         j = int(t.index[pos])
         text = tok.decode([t.ids[pos]]).strip()  # type: ignore[attr-defined]
-        who = ("own" if j == own else "mentioned" if subjects[j] in prompt
-               else "same_ending" if text and subjects[j].endswith(text) else "unrelated")
+        ending = (_last_word(subjects[j]) in re.findall(r"\w+", prompt)) if ending_anywhere else (
+            bool(text) and subjects[j].endswith(text))
+        who = "own" if j == own else "mentioned" if subjects[j] in prompt else "same_ending" if ending else "unrelated"
         out.add(f"{who}_{'prompt' if pos < t.n_prompt else 'answer'}")
     return out
+
+
+def _last_word(text: str) -> str:
+    words = re.findall(r"\w+", text)
+    return words[-1] if words else text
 
 
 def share(flags: list[bool]) -> float:
@@ -91,13 +100,14 @@ def share(flags: list[bool]) -> float:
 
 
 def rates(rewrite: list[Trace], para: list[list[Trace]], neigh: list[list[Trace]], prompts: list[list[str]],
-          subjects: list[str], tok: object, rules: dict[str, torch.Tensor]) -> dict[str, dict]:
+          subjects: list[str], tok: object, rules: dict[str, torch.Tensor],
+          ending_anywhere: bool = False) -> dict[str, dict]:
     """Firing rates (% of prompts; neighbourhood: prompt tokens only) under each named rule (θ per
     stored fact ``[m]``): the record's own fact on its rewrite and paraphrase prompts (what
     efficacy and generalisation need), and any fact on its neighbourhood prompts, by whose."""
     table = {}
     for name, theta in rules.items():
-        nk = [{k for k in kinds(t, i, theta, p, subjects, tok) if k.endswith("_prompt")}
+        nk = [{k for k in kinds(t, i, theta, p, subjects, tok, ending_anywhere) if k.endswith("_prompt")}
               for i, ts in enumerate(neigh) for t, p in zip(ts, prompts[i])]
         table[name] = {
             "rewrite_own_fires_pct": share([fires_own(t, i, theta) for i, t in enumerate(rewrite)]),
@@ -142,6 +152,20 @@ def flips(cases: dict, requests: list[EditRequest], neigh: list[list[tuple[Trace
                                  "cosine": round(float(t.cosine[pos]), 3)})
     return {"changed": dict(sorted(changed.items())), "flipped": dict(sorted(flipped.items())),
             "fired_but_unchanged": fired_unchanged, "examples": examples}
+
+
+def scored_rows(kind: str, requests: list[EditRequest]) -> dict[str, list[tuple[int, str, tuple[str, ...]]]]:
+    """The scored sequences of each family as scoring runs them, (record, prompt, answers) rows:
+    ``rewrite``, ``paraphrase`` and ``neighborhood`` (ZsRE: locality) prompts, each followed by the
+    new target, and (CounterFact) by the true / locality answer."""
+    if kind == "zsre":
+        return {"rewrite": [(i, r.prompt, (r.target_new,)) for i, r in enumerate(requests)],
+                "paraphrase": [(i, p, (r.target_new,)) for i, r in enumerate(requests) for p in r.paraphrases],
+                "neighborhood": [(i, p, (a,)) for i, r in enumerate(requests) for p, a in r.locality]}
+    true = [r.target_true or "" for r in requests]
+    return {"rewrite": [(i, r.prompt, (r.target_new, true[i])) for i, r in enumerate(requests)],
+            "paraphrase": [(i, p, (r.target_new, true[i])) for i, r in enumerate(requests) for p in r.paraphrases],
+            "neighborhood": [(i, p, (r.target_new, a)) for i, r in enumerate(requests) for p, a in r.locality]}
 
 
 Group = tuple[Trace, ...]  # one scored prompt, followed by each of its scored answers

@@ -87,6 +87,8 @@ class Editor(ABC):
     def default_hparams(cls, lm: LoadedModel) -> Hparams:
         """Hyperparameters for this model (a preset for known models, a rule otherwise)."""
 
+    prepare_label = "statistics (tokens)"  # what prepare's progress counts
+
     def prepare(self, progress: Progress | None = None, start: Callable[[int], None] | None = None) -> None:  # noqa: B027
         """Compute what editing needs before the first fact (e.g. statistics); ``start(total)`` and
         ``progress(done)`` report long work. Nothing by default."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -37,10 +38,12 @@ class SubjectKeys:
 def subject_keys(
     lm: LoadedModel, requests: list[EditRequest], templates: list[str], layers: list[int],
     output_layer: int | None = None, batch_size: int = 64, skip_first: bool = False,
+    position: Literal["subject", "last"] = "subject",
 ) -> SubjectKeys:
     """Keys of ``requests`` at every layer in ``layers`` (and block ``output_layer``'s output) in one
     forward pass per batch of ``batch_size`` facts, stopped after the highest layer needed.
-    ``skip_first``: see :func:`neuraldb.targets.average_keys` (off: every row, as MEMIT)."""
+    ``skip_first``: see :func:`neuraldb.targets.average_keys` (off: every row, as MEMIT);
+    ``position="last"``: read at the prompt's last token instead of the subject's."""
     arch = lm.arch
     for layer in [*layers, *([] if output_layer is None else [output_layer])]:
         arch.check_layer(layer)
@@ -49,7 +52,7 @@ def subject_keys(
     outputs: list[torch.Tensor] = []
     values: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(requests), batch_size):
-        rows = build_rows(lm, requests[start : start + batch_size], templates, targets=False)
+        rows = build_rows(lm, requests[start : start + batch_size], templates, targets=False, position=position)
         batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
         s, dev = batch.anchor, lm.device
         outputs_at = {f"v{layer}": arch.w_out_path(layer) for layer in layers}

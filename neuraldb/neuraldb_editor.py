@@ -45,8 +45,9 @@ class NeuralDBHparams(TargetHparams):
     is raised above the look-alikes of its subject, ``radius_margin`` over the closest, at most
     ``radius_cap``: :mod:`neuraldb.radius`) or ``"relation"`` (a fact fires where its subject
     was seen, subject key above γ at ``layer``, and the prompt's key at ``relation_layer``, mapped by
-    a rank-``relation_rank`` :class:`neuraldb.relation.RelationMap`, matches the fact's above
-    ``relation_gamma``; the residual then sits at ``relation_layer`` at the prompt's last token:
+    a rank-``relation_rank`` :class:`neuraldb.relation.RelationMap` (fitted with
+    ``relation_inner`` tokens inside each training prompt as hard negatives, 0: none), matches the
+    fact's above ``relation_gamma``; the residual then sits at ``relation_layer`` at the prompt's last token:
     :func:`neuraldb.gate.install_relation`); ``batch_size``: the number of facts optimised
     together; the residual optimisation and context templates:
     :class:`neuraldb.targets.TargetHparams`.
@@ -60,6 +61,7 @@ class NeuralDBHparams(TargetHparams):
     relation_layer: int = 22  # the model presets set it (3/4 of the depth otherwise)
     relation_gamma: float = 0.5
     relation_rank: int = 64
+    relation_inner: int = 1
     batch_size: int = 32
 
     def validate(self, lm: LoadedModel) -> None:
@@ -78,17 +80,42 @@ class NeuralDBHparams(TargetHparams):
                 raise ValueError(f"relation_gamma must be in [-1, 1), got {self.relation_gamma}")
             if not 1 <= self.relation_rank <= lm.arch.d_ff:
                 raise ValueError(f"relation_rank must be in [1, d_ff={lm.arch.d_ff}], got {self.relation_rank}")
+            if self.relation_inner < 0:
+                raise ValueError(f"relation_inner must be 0 or more, got {self.relation_inner}")
         if not math.isfinite(self.radius_margin):
             raise ValueError(f"radius_margin must be a finite number, got {self.radius_margin}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.target_config().validate()
 
+    def with_gate(self, name: str) -> NeuralDBHparams:
+        """A copy with gate ``name`` and that gate's defaults (:data:`GATE_DEFAULTS`) for the fields
+        it changes; the other fields are kept."""
+        return replace(self, gate=name, **GATE_DEFAULTS.get(name, {}))
+
+    def parse(self, assignments: list[str]) -> NeuralDBHparams:  # type: ignore[override]
+        """As :meth:`Hparams.parse`; a ``gate=`` assignment first switches to that gate's defaults
+        (:meth:`with_gate`), which the other assignments then override."""
+        gates = [a for a in assignments if a.partition("=")[0].strip().replace("-", "_") == "gate"]
+        base = self
+        if gates:
+            chosen = super().parse(gates[-1:]).gate  # type: ignore[attr-defined]
+            if chosen != self.gate:
+                base = self.with_gate(chosen)
+        return super(NeuralDBHparams, base).parse(assignments)  # type: ignore[return-value]
+
     def target_config(self) -> TargetConfig:  # type: ignore[override]
         if self.gate == "relation":
             return replace(super().target_config(self.relation_layer, "ffn"), position="last")
         return super().target_config(self.layer, "ffn")
 
+
+# What a gate changes in the residual optimisation. The relation gate's residual sits at the prompt's
+# last token eight layers from the output and must carry every target token alone: chosen by
+# `python benchmarks/sweep_relation_targets.py` on KnowEdit-cf training records (README).
+GATE_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "relation": {"steps": 50, "lr": 1.0, "clamp_norm_factor": 10.0},
+}
 
 # Chosen by `python benchmarks/sweep_neuraldb.py` on CounterFact training records (README).
 PRESETS: dict[str, dict[str, float | int]] = {
@@ -97,9 +124,20 @@ PRESETS: dict[str, dict[str, float | int]] = {
 }
 
 
+@dataclass
+class GateKeys:
+    """What decides where facts fire: unit subject keys ``[F, d_ff]``, their thresholds θ ``[F]``
+    (γ, or the radius) and, with the relation gate, unit relation keys ``[F, r]``."""
+
+    keys: torch.Tensor
+    theta: torch.Tensor
+    relation: torch.Tensor | None
+
+
 @register("neuraldb")
 class NeuralDBEditor(Editor):
     hparams_cls = NeuralDBHparams
+    prepare_label = "relation map (training prompts)"
 
     def __init__(self, lm: LoadedModel, hparams: NeuralDBHparams | None = None, store: FactStore | None = None):
         super().__init__(lm, hparams)
@@ -156,8 +194,40 @@ class NeuralDBEditor(Editor):
         if len(self.store):
             raise StoreError("the store holds facts without relation keys: gate=relation needs a store of its own")
         with self.disabled():
-            self.store.relation = relation.cached_map(self.lm, h.relation_layer, h.relation_rank, progress, start)
+            self.store.relation = relation.cached_map(self.lm, h.relation_layer, h.relation_rank, h.relation_inner,
+                                                      progress, start)
         self.store.relation_keys = self.store.relation_keys.new_zeros(len(self.store), h.relation_rank)
+
+    def gate_keys(self, requests: list[EditRequest]) -> GateKeys:
+        """What :meth:`edit` would store for ``requests`` to decide where they fire (keys, thresholds,
+        relation keys), computed on the base model without optimising a residual: for firing
+        analyses (``neuraldb explain``, the gate sweeps)."""
+        h, templates = self.hparams, self.templates()
+        self.prepare()
+        with self.disabled():
+            keys = subject_keys(self.lm, requests, templates, [h.layer],
+                                skip_first=h.target_config().skip_first_token_keys).keys[h.layer]
+            rel = None
+            if h.gate == "relation":
+                last = subject_keys(self.lm, requests, templates, [h.relation_layer], skip_first=True,
+                                    position="last").keys[h.relation_layer]
+                rel = self.store.relation.project(last)  # type: ignore[union-attr]
+        radii = self.radii(requests, keys)
+        theta = torch.full((len(requests),), h.gamma) if radii is None else torch.clamp(radii, min=h.gamma)
+        return GateKeys(torch.nn.functional.normalize(keys.float(), dim=1), theta, rel)
+
+    def trace_gate(self, k: GateKeys) -> tuple[gate.Gate, int, torch.Tensor]:
+        """Install a gate holding ``k`` with zero residuals (the model's output stays the base
+        model's) that fires everywhere, so its trace (:attr:`gate.Firing`) records the best fact and
+        its cosine per token. Returns (the gate, the layer a trace must run up to, the threshold θ
+        ``[F]`` a traced cosine must exceed for the fact to fire under this editor's hparams)."""
+        h, lm, m = self.hparams, self.lm, k.keys.shape[0]
+        zeros = torch.zeros(m, lm.arch.d_model)
+        if k.relation is None:
+            return gate.install(lm.model, self.path, k.keys, zeros, -1.0), h.layer, k.theta
+        g = gate.install_relation(lm.model, self.path, lm.arch.w_out_path(h.relation_layer), k.keys, k.theta,
+                                  self.store.relation, k.relation, zeros, -2.0)
+        return g, h.relation_layer, torch.full((m,), h.relation_gamma)
 
     def radii(self, requests: list[EditRequest], keys: torch.Tensor) -> torch.Tensor | None:
         """``[F]`` look-alike radii of facts with keys ``[F, d_ff]`` with ``gate="radius"``

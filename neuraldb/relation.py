@@ -82,21 +82,37 @@ class Pair:
 def last_token_keys(lm: LoadedModel, texts: list[str], layer: int, batch_size: int = 64,
                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """``[len(texts), d_ff]`` keys at ``layer`` at the last token of each text (float32, CPU)."""
+    return token_keys(lm, texts, layer, 0, batch_size=batch_size, progress=progress)[0]
+
+
+@torch.no_grad()
+def token_keys(lm: LoadedModel, texts: list[str], layer: int, mid: int, seed: int = 0, batch_size: int = 64,
+               progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys at ``layer`` (float32, CPU): ``[len(texts), d_ff]`` at each text's last token, and at up
+    to ``mid`` positions inside each text (not its first token, which holds the attention sink, nor
+    its last; drawn with ``seed``, in text order): ``[n_mid, d_ff]`` and the text of each ``[n_mid]``."""
     pad = lm.tokenizer.pad_token_id
-    out = []
+    gen = torch.Generator().manual_seed(seed)
+    last, inner, owner = [], [], []
     for start in range(0, len(texts), batch_size):
         rows = [encode(lm.tokenizer, t).ids for t in texts[start : start + batch_size]]
         width = max(map(len, rows))
         ids = torch.tensor([r + (pad,) * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        last = torch.tensor([len(r) - 1 for r in rows])
         with capture(lm.model, inputs={"k": lm.arch.w_out_path(layer)}) as got:
             with stop_after(lm.model, lm.arch.layer_path(layer)):
                 lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
-        out.append(got["k"][torch.arange(len(rows)), last.to(got["k"].device)].float().cpu())
+        k = got["k"].float().cpu()
+        last.append(k[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])])
+        for i, r in enumerate(rows):
+            picked = (torch.randperm(len(r) - 2, generator=gen)[:mid] + 1).sort().values if len(r) > 2 else []
+            inner += [k[i, int(p)] for p in picked]
+            owner += [start + i] * len(picked)
         if progress:
             progress(len(rows))
-    return torch.cat(out)
+    d = lm.arch.d_ff
+    return (torch.cat(last), torch.stack(inner) if inner else torch.zeros(0, d),
+            torch.tensor(owner, dtype=torch.long))
 
 
 def fit(a: torch.Tensor, b: torch.Tensor, match: torch.Tensor, layer: int, rank: int = 64, pos: float = 0.8,
@@ -121,17 +137,56 @@ def fit(a: torch.Tensor, b: torch.Tensor, match: torch.Tensor, layer: int, rank:
     return RelationMap(layer, mean, scale, w.detach().clone())
 
 
+def fit_indexed(keys: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor, match: torch.Tensor,
+                inner: torch.Tensor, hard_a: torch.Tensor, hard_b: torch.Tensor, layer: int, rank: int = 64,
+                pos: float = 0.8, neg: float = 0.3, steps: int = 600, seed: int = 0) -> RelationMap:
+    """:func:`fit` on pairs given by index, with hard negatives: ``keys`` ``[T, d_ff]`` last-token keys
+    of T texts, pairs ``(keys[ia], keys[ib])`` labelled ``match``; ``inner`` ``[H, d_ff]`` keys inside
+    texts, each ``keys[hard_a[h]]`` to be below ``neg`` with ``inner[hard_b[h]]`` (a question against
+    a token before the question is complete). Loss: the mean hinge of matching pairs + of other
+    pairs + of hard pairs; each distinct key is projected once per step."""
+    mean, scale = keys.mean(0), keys.std(0) + 1e-3
+    z, zi = (keys - mean) / scale, (inner - mean) / scale
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(keys.shape[1], rank, generator=gen) / keys.shape[1] ** 0.5)
+    opt = torch.optim.Adam([w], lr=1e-3)
+    y = match.bool()
+    for _ in range(steps):
+        p = torch.nn.functional.normalize(z @ w, dim=-1)
+        c = (p[ia] * p[ib]).sum(-1)
+        hard = (p[hard_a] * torch.nn.functional.normalize(zi[hard_b] @ w, dim=-1)).sum(-1)
+        loss = (torch.relu(pos - c[y]).mean() + torch.relu(c[~y] - neg).mean()
+                + (torch.relu(hard - neg).mean() if len(hard) else 0.0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return RelationMap(layer, mean, scale, w.detach().clone())
+
+
 def fit_pairs(lm: LoadedModel, pairs: list[Pair], layer: int, rank: int = 64, pos: float = 0.8, neg: float = 0.3,
-              steps: int = 600, seed: int = 0, progress: Callable[[int], None] | None = None) -> RelationMap:
-    """Read the last-token keys of every distinct prompt in ``pairs`` at ``layer`` and :func:`fit` a map."""
+              steps: int = 600, seed: int = 0, mid: int = 0,
+              progress: Callable[[int], None] | None = None) -> RelationMap:
+    """Read the last-token keys of every distinct prompt in ``pairs`` at ``layer`` and fit a map:
+    :func:`fit`, or with ``mid`` > 0 :func:`fit_indexed` with ``mid`` inner tokens of each prompt
+    as hard negatives of each prompt it is paired with (and of itself)."""
     if not pairs or all(p.match for p in pairs) or not any(p.match for p in pairs):
         raise ValueError("a relation map needs pairs that match and pairs that do not")
     texts = sorted({t for p in pairs for t in (p.a, p.b)})
-    keys = last_token_keys(lm, texts, layer, progress=progress)
+    keys, inner, owner = token_keys(lm, texts, layer, mid, seed, progress=progress)
     row = {t: i for i, t in enumerate(texts)}
-    a = keys[torch.tensor([row[p.a] for p in pairs])]
-    b = keys[torch.tensor([row[p.b] for p in pairs])]
-    return fit(a, b, torch.tensor([p.match for p in pairs]), layer, rank, pos, neg, steps, seed)
+    ia = torch.tensor([row[p.a] for p in pairs])
+    ib = torch.tensor([row[p.b] for p in pairs])
+    y = torch.tensor([p.match for p in pairs])
+    if mid == 0:
+        return fit(keys[ia], keys[ib], y, layer, rank, pos, neg, steps, seed)
+    partners = sorted({(int(a), int(b)) for a, b in zip(ia, ib)} | {(int(a), int(a)) for a in ia})
+    by_text: dict[int, list[int]] = {}
+    for h, t in enumerate(owner.tolist()):
+        by_text.setdefault(t, []).append(h)
+    hard = [(a, h) for a, b in partners for h in by_text.get(b, [])]
+    hard_a = torch.tensor([a for a, _ in hard], dtype=torch.long)
+    hard_b = torch.tensor([h for _, h in hard], dtype=torch.long)
+    return fit_indexed(keys, ia, ib, y, inner, hard_a, hard_b, layer, rank, pos, neg, steps, seed)
 
 
 def training_pairs(n_counterfact: int = N_COUNTERFACT, skip: int = SKIP) -> list[Pair]:
@@ -154,12 +209,14 @@ def training_pairs(n_counterfact: int = N_COUNTERFACT, skip: int = SKIP) -> list
     return out
 
 
-def cached_map(lm: LoadedModel, layer: int, rank: int, progress: Callable[[int], None] | None = None,
+def cached_map(lm: LoadedModel, layer: int, rank: int, mid: int = 0, progress: Callable[[int], None] | None = None,
                start: Callable[[int], None] | None = None) -> RelationMap:
-    """The relation map of ``lm`` at ``layer`` and ``rank``: read from the cache
-    (``~/.cache/neuraldb/relation/``), or fitted on :func:`training_pairs` with the defaults of
-    :func:`fit` and cached (atomically). ``start(total)`` / ``progress(done)``: prompts read."""
-    path = cache_dir() / "relation" / f"{lm.name}-{lm.fingerprint[:16]}-L{layer}-r{rank}-s{SKIP}"
+    """The relation map of ``lm`` at ``layer`` and ``rank`` (``mid`` hard negatives inside each
+    prompt: :func:`fit_pairs`): read from the cache (``~/.cache/neuraldb/relation/``), or fitted on
+    :func:`training_pairs` and cached (atomically). ``start(total)`` / ``progress(done)``: prompts
+    read."""
+    tag = f"-m{mid}" if mid else ""
+    path = cache_dir() / "relation" / f"{lm.name}-{lm.fingerprint[:16]}-L{layer}-r{rank}-s{SKIP}{tag}"
     try:
         meta, t = read_artifact(path, "relation.json", FORMAT)
         if meta["fingerprint"] == lm.fingerprint:
@@ -169,8 +226,8 @@ def cached_map(lm: LoadedModel, layer: int, rank: int, progress: Callable[[int],
     pairs = training_pairs()
     if start:
         start(len({x for p in pairs for x in (p.a, p.b)}))
-    found = fit_pairs(lm, pairs, layer, rank, progress=progress)
+    found = fit_pairs(lm, pairs, layer, rank, mid=mid, progress=progress)
     meta = {"format": FORMAT, "model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "rank": rank,
-            "pairs": len(pairs), "n_counterfact": N_COUNTERFACT, "skip": SKIP}
+            "mid": mid, "pairs": len(pairs), "n_counterfact": N_COUNTERFACT, "skip": SKIP}
     write_artifact(path, "relation.json", meta, found.tensors())
     return found

@@ -10,13 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evals.explain import check
 from neuraldb import gate
 from neuraldb.facts import EditRequest
 from neuraldb.files import sha256_file
 from neuraldb.hooks import capture, get_module
 from neuraldb.neuraldb_editor import NeuralDBEditor, NeuralDBHparams
-from neuraldb.relation import RelationMap, fit
+from neuraldb.relation import RelationMap, fit, fit_indexed
 from neuraldb.store import FORMAT_RELATION, FactStore, StoreError
 
 from .conftest import tiny_model
@@ -173,10 +172,63 @@ def test_hparams_validation():
         HP.replace(relation_rank=0).validate(lm)
 
 
-def test_explain_refuses_a_relation_gate_row():
-    result = {"editors": {"neuraldb": {"hparams": {"layer": 6, "gamma": 0.65, "gate": "relation"}}}}
-    with pytest.raises(ValueError, match="gate=relation"):
-        check(result)
+def test_traced_firing_is_the_edited_gates():
+    """explain and the gate sweeps rebuild keys without residuals (gate_keys) and trace a zero-residual
+    gate: its keys are the store's and it fires where the edited model's gate fires."""
+    lm = tiny_model("llama")
+    ed = _editor(lm)
+    ed.edit([FACT])
+    other = "John Lennon was born in"
+    fired = {}
+    for text in (FACT.prompt, other):
+        with ed.tracing() as trace, torch.no_grad():
+            lm.model(_ids(lm, text))
+        fired[text] = trace[0].fired[0]
+    stored_keys, stored_rel = ed.store.keys.clone(), ed.store.relation_keys.clone()
+    gk = ed.gate_keys([FACT])
+    assert torch.allclose(gk.keys, stored_keys, atol=1e-5) and torch.allclose(gk.relation, stored_rel, atol=1e-5)
+    g, layer, theta = ed.trace_gate(gk)
+    assert layer == RELATION_LAYER and torch.equal(theta, torch.full((1,), HP.relation_gamma))
+    for text, want in fired.items():
+        g.trace = []
+        with torch.no_grad():
+            lm.model(_ids(lm, text))
+        got = g.trace[0].cosine[0] > theta[g.trace[0].index[0]]
+        assert torch.equal(got, want), text
+    assert bool(fired[FACT.prompt][-1])
+    ed.restore()
+
+
+def test_choosing_a_gate_brings_its_defaults_which_assignments_override():
+    hp = NeuralDBHparams(layer=1)
+    rel = hp.parse(["gate=relation"])
+    assert (rel.steps, rel.lr, rel.clamp_norm_factor) == (50, 1.0, 10.0)
+    assert hp.parse(["steps=7", "gate=relation"]).steps == 7 == hp.parse(["gate=relation", "steps=7"]).steps
+    assert hp.parse(["gamma=0.7"]).steps == hp.steps == 25
+    assert rel.parse(["gamma=0.7"]).steps == 50, "an assignment without gate= keeps the current gate's values"
+
+
+def test_inner_tokens_as_hard_negatives_push_them_below_the_margin():
+    g = torch.Generator().manual_seed(0)
+    d, n = 32, 120
+    relation = torch.randn(4, d, generator=g)
+    wording = torch.randn(d, generator=g)  # what a token before the question's end shares with the question
+    which = torch.arange(n) % 4
+    keys = torch.cat([relation[which] + 0.5 * wording + 0.6 * torch.randn(n, d, generator=g),
+                      relation[which] + 0.5 * wording + 0.6 * torch.randn(n, d, generator=g),
+                      relation[(which + 1) % 4] + 0.5 * wording + 0.6 * torch.randn(n, d, generator=g)])
+    ia, ib = torch.cat([torch.arange(n), torch.arange(n)]), torch.cat([n + torch.arange(n), 2 * n + torch.arange(n)])
+    match = torch.cat([torch.ones(n), torch.zeros(n)]).bool()
+    inner = relation[which] * 0.7 + 0.5 * wording + 0.6 * torch.randn(n, d, generator=g)  # looks like the question
+    plain = fit_indexed(keys, ia, ib, match, inner[:0], ia[:0], ia[:0], RELATION_LAYER, rank=8, steps=300)
+    hard = fit_indexed(keys, ia, ib, match, inner, torch.arange(n), torch.arange(n), RELATION_LAYER, rank=8,
+                       steps=300)
+    for m in (plain, hard):
+        same = (m.project(keys[:n]) * m.project(keys[n : 2 * n])).sum(-1)
+        assert float(same.mean()) > 0.6
+    c = {name: float((m.project(keys[:n]) * m.project(inner)).sum(-1).mean()) for name, m in
+         (("plain", plain), ("hard", hard))}
+    assert c["hard"] < c["plain"] - 0.2 and c["hard"] < 0.45, c
 
 
 def test_store_whose_gate_does_not_match_its_map_is_refused(tmp_path):
