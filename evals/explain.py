@@ -64,8 +64,7 @@ def store_of(lm: LoadedModel, result: dict[str, Any], editor: str = "neuraldb") 
     """(records, an editor with the row's hparams, what its store would hold to decide firing) of
     ``result``'s NeuralDB row."""
     check(result, editor)
-    known = set(NeuralDBHparams.__dataclass_fields__)
-    hp = NeuralDBHparams(**{k: v for k, v in result["editors"][editor]["hparams"].items() if k in known})
+    hp = NeuralDBHparams.from_saved(result["editors"][editor]["hparams"])
     hp.validate(lm)
     proto, d = result["protocol"], result["dataset"]
     records = datasets.select(datasets.load(d["name"]).records, max(proto["n"]), proto.get("sample_seed"))

@@ -202,10 +202,13 @@ def test_traced_firing_is_the_edited_gates():
 def test_choosing_a_gate_brings_its_defaults_which_assignments_override():
     hp = NeuralDBHparams(layer=1)
     rel = hp.parse(["gate=relation"])
-    assert (rel.steps, rel.lr, rel.clamp_norm_factor) == (50, 1.0, 10.0)
+    assert (rel.steps, rel.lr, rel.clamp_norm_factor, rel.batch_size) == (50, 1.0, 10.0, 8)
     assert hp.parse(["steps=7", "gate=relation"]).steps == 7 == hp.parse(["gate=relation", "steps=7"]).steps
     assert hp.parse(["gamma=0.7"]).steps == hp.steps == 25
     assert rel.parse(["gamma=0.7"]).steps == 50, "an assignment without gate= keeps the current gate's values"
+    old = NeuralDBHparams.from_saved({"layer": 1, "gate": "relation", "from_a_newer_version": 1})
+    assert old.relation_inner == 0, "a relation store from before relation_inner had a map without inner negatives"
+    assert NeuralDBHparams.from_saved(rel.to_dict()) == rel
 
 
 def test_inner_tokens_as_hard_negatives_push_them_below_the_margin():
