@@ -5,8 +5,12 @@ The raw key (the FFN output projection's input) at a prompt's last token follows
 question (``benchmarks/relation_projection.py``: a CounterFact paraphrase pair is above cosine 0.5 in
 12 % of cases, two different questions about one KnowEdit subject in 80 %). A rank-``r`` linear map
 ``W`` of the standardised key, fitted with a margin loss on prompt pairs from training records (pairs
-that should match pushed above cosine ``pos``, the others below ``neg``), separates them. The relation
-gate (:mod:`neuraldb.gate`) compares relation keys under this map.
+that should match pushed above cosine ``pos``, the others below ``neg``), separates them. The gate
+compares every token after the subject, not only the question's last one, so the fit can also push
+tokens drawn inside the training prompts below ``neg`` against the questions they are paired with
+(``mid`` in :func:`fit_pairs`; without them 28 % of KnowEdit's other questions about an edited
+subject fired at an inner ' is' or comma, README). The relation gate (:mod:`neuraldb.gate`)
+compares relation keys under this map.
 
 A :class:`RelationMap` is plain tensors (``mean``, ``scale`` ``[d_ff]``, ``weight`` ``[d_ff, r]``) and
 the layer it was fitted at; it is saved inside a fact store, so a store is self-contained.
