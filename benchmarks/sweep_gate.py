@@ -26,8 +26,8 @@ Usage:  python benchmarks/sweep_gate.py --n 1000 --out benchmarks/results/sweep-
             --cases benchmarks/results/compare-counterfact-1000.cases.json \\
             --out benchmarks/results/sweep-gate-counterfact-1000.json
         python benchmarks/sweep_gate.py --gate relation --dataset knowedit-cf-train --n 50 \\
-            --hparam steps=50 --hparam clamp_norm_factor=10 \\
-            --cases benchmarks/results/knowedit-cf-train-50-relation-clamp10-steps50.cases.json \\
+            --hparam relation_gamma=0.5 --gammas 0.65 --rhos 0.5,0.55,0.6,0.65,0.7 \\
+            --cases benchmarks/results/knowedit-cf-train-50-relation.cases.json \\
             --out benchmarks/results/sweep-relation-knowedit-cf-train-50.json
 """
 
