@@ -122,8 +122,8 @@ class NeuralDBHparams(TargetHparams):
 # What a gate changes in the residual optimisation. The relation gate's residual sits at the prompt's
 # last token eight layers from the output and must carry every target token alone: chosen by
 # `python benchmarks/sweep_relation_targets.py` on KnowEdit-cf training records (README). Batches of
-# 8 facts: the same residuals as 16 in a batch, in 145 s instead of 228 s for 16 facts (long KnowEdit
-# prompts and targets pad every row of a batch to the longest).
+# 8 facts: 145 s instead of 228 s for 16 facts with the same mean NLL in a one-off run (long KnowEdit
+# rows pad a batch to its longest); the benchmark's batch_size=8 config repeats it.
 GATE_DEFAULTS: dict[str, dict[str, float | int]] = {
     "relation": {"steps": 50, "lr": 1.0, "clamp_norm_factor": 10.0, "batch_size": 8},
 }
