@@ -32,10 +32,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q; s=$$?; [ $$s -ne 5 ] || echo "pytest ran no tests" >&2; exit $$s
 
-# CI regression gate: 50 CounterFact edits with each editor against the committed baseline
+# CI regression gate: 25 CounterFact edits with each editor against the committed baseline
 gate: setup
-	$(BIN)/neuraldb compare --editors neuraldb,memit,alphaedit --dataset counterfact --n 50 --batch-size 50 \
-		--generation-every 10 --out results/ci-gate.json --check .ci/gate-baseline.json --tolerance 2
+	$(BIN)/neuraldb compare --editors neuraldb,memit,alphaedit --dataset counterfact --n 25 --batch-size 25 \
+		--generation-every 5 --out results/ci-gate.json --check .ci/gate-baseline.json --tolerance 2
 
 lint: setup
 	$(BIN)/ruff check .

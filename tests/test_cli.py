@@ -176,8 +176,8 @@ def test_eval_check_fails_on_a_degraded_edit_and_passes_on_the_same_run(smollm2,
     broken.write_text(json.dumps({**saved, "protocol": {"n": 3}}))
     r = run("explain", broken)
     assert r.exit_code == 1 and "list of edit counts" in r.output and len(r.output.strip().splitlines()) == 1
-    # degraded on purpose: a gate threshold no key reaches writes nothing
-    r = run(*common, "--out", tmp_path / "bad.json", "--check", base, "--hparam", "gamma=0.999")
+    # degraded on purpose: a gate threshold no key reaches writes nothing (one step: nothing to wait for)
+    r = run(*common, "--out", tmp_path / "bad.json", "--check", base, "--hparam", "gamma=0.999", "-H", "steps=1")
     assert r.exit_code == 1
     assert "regression:" in r.output and "neuraldb@3 efficacy" in r.output
 
@@ -198,21 +198,6 @@ def test_data_list_and_fetch_errors(monkeypatch, tmp_path):
     assert not (tmp_path / "counterfact" / "counterfact.json").exists()
 
 
-def test_eval_mquake_reports_the_four_accuracies(smollm2, tmp_path, monkeypatch):
-    from tests.test_mquake import _without_v2
-
-    monkeypatch.setenv("NEURALDB_DATA", str(_without_v2(tmp_path / "data")))
-    out = tmp_path / "mq.json"
-    r = run("eval", "--dataset", "mquake", "--n", "1", "--batch-size", "1", "--out", out)
-    assert r.exit_code == 0, r.output
-    assert "MQuAKE-CF-3k-v2" in r.output, "the v1 stand-in is announced"
-    saved = json.loads(out.read_text())
-    assert saved["dataset"]["files"][0]["path"] == "mquake/AKEW_MQuAKE-CF.json"
-    point = saved["editors"]["neuraldb"]["points"]["1"]
-    assert set(point) >= {"edit_wise", "instance_wise", "multihop", "multihop_cot"}
-    assert point["edit_wise"] == 100.0, "the edited fact's cloze statement gives the new object"
-
-
 def test_compare_with_mquake_gives_one_report(smollm2, tmp_path, monkeypatch):
     from tests.test_mquake import _without_v2
 
@@ -223,14 +208,19 @@ def test_compare_with_mquake_gives_one_report(smollm2, tmp_path, monkeypatch):
     r = run("eval", "--n", "2", "--batch-size", "2", "--generation-every", "0", "--mquake", "mquake",
             "--mquake-n", "1", "--out", out)
     assert r.exit_code == 0, r.output
+    assert "MQuAKE-CF-3k-v2" in r.output, "the v1 stand-in is announced"
     saved = json.loads(out.read_text())
     assert saved["editors"]["neuraldb"]["points"]["2"]["efficacy"] == 100.0
+    assert saved["mquake"]["dataset"]["files"][0]["path"] == "mquake/AKEW_MQuAKE-CF.json"
     point = saved["mquake"]["editors"]["neuraldb"]["points"]["1"]
     assert set(point) >= {"edit_wise", "instance_wise", "multihop", "multihop_cot"}
+    assert point["edit_wise"] == 100.0, "the edited fact's cloze statement gives the new object"
     assert "## mquake on smollm2-135m" in out.with_suffix(".md").read_text()
     assert "Edit-wise" in r.output and "Efficacy" in r.output
     r = run("eval", "--dataset", "mquake", "--mquake", "mquake-hard", "--out", tmp_path / "x.json")
     assert r.exit_code == 1 and "--mquake adds MQuAKE to a CounterFact / ZsRE run" in r.output
+    r = run("eval", "--dataset", "mquake", "--n", "1,2", "--batch-size", "1", "--out", tmp_path / "y.json")
+    assert r.exit_code == 1 and "MQuAKE takes one --n" in r.output
 
 
 def test_progress_in_a_log_prints_a_line_at_each_tenth():
