@@ -457,9 +457,7 @@ def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, bat
         raise ValueError(f"--check {check}: no such file")
     if absent := [str(p) for p in rows_from if not p.is_file()]:
         raise ValueError(f"--rows-from {', '.join(absent)}: no such file")
-    baseline = json.loads(check.read_text(encoding="utf-8")) if check else None
-    if check and not isinstance(baseline, dict):
-        raise ValueError(f"{check}: not a neuraldb result file")
+    baseline = runner.read_result(check, "--check") if check else None
     is_mquake = dataset in mquake.SOURCES
     checks = None
     if general is not None:

@@ -83,7 +83,7 @@ def _plain(obj: Any) -> Any:
     return json.loads(dumps(obj))
 
 
-def _read_result(path: Path, flag: str) -> dict[str, Any]:
+def read_result(path: Path, flag: str) -> dict[str, Any]:
     """A saved result JSON (or its per-case file), or ValueError naming ``flag`` and ``path``."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -99,7 +99,7 @@ def _resumable(out: Path, head: dict[str, Any], flag: str = "--resume") -> dict[
     raises ValueError naming what differs otherwise, so ``--resume`` never overwrites another run."""
     if not out.is_file():
         return None
-    saved = _read_result(out, flag)
+    saved = read_result(out, flag)
     keys = ("format", "model", "dataset", "protocol", "evaluation")
     differ = [k for k in keys if saved.get(k) != _plain(head.get(k))]
     if saved.get("versions", {}).get("neuraldb_source") != head["versions"]["neuraldb_source"]:
@@ -117,7 +117,7 @@ def _reuse(saved: dict[str, Any], out: Path, editors: dict[str, tuple[type[Edito
     the rows of this run's editors. With ``--resume``, a row run with other hyperparameters or
     without per-case scores is left out (computed again); with ``--rows-from`` either is an error."""
     strict = flag != "--resume"
-    cases = _read_result(cases_path(out), flag) if cases_path(out).is_file() else {}
+    cases = read_result(cases_path(out), flag) if cases_path(out).is_file() else {}
     pre, kept, other = saved.get("pre"), {}, []
     for name, row in (saved.get("editors") or {}).items():
         if name not in editors:

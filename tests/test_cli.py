@@ -149,6 +149,15 @@ def test_options_of_another_editor_are_refused(tmp_path):
     assert r.exit_code == 1 and "has no hyperparameter nope" in r.output
 
 
+def test_a_check_file_that_is_not_a_result_gets_one_line(tmp_path):
+    junk = tmp_path / "junk.json"
+    for text in ("{not json", "[1, 2]"):
+        junk.write_text(text)
+        r = run("eval", "--n", "2", "--batch-size", "2", "--check", junk, "--out", tmp_path / "o.json")
+        assert r.exit_code == 1 and "--check" in r.output and "not a neuraldb result file" in r.output
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o.json").exists()
+
+
 def test_eval_check_fails_on_a_degraded_edit_and_passes_on_the_same_run(smollm2, tmp_path):
     common = ("eval", "--dataset", "counterfact", "--n", "3", "--batch-size", "3", "--generation-every", "0")
     base = tmp_path / "base.json"
