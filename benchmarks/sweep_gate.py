@@ -25,6 +25,8 @@ Usage:  python benchmarks/sweep_gate.py --n 1000 --out benchmarks/results/sweep-
         python benchmarks/sweep_gate.py --dataset counterfact --n 1000 \\
             --cases benchmarks/results/compare-counterfact-1000.cases.json \\
             --out benchmarks/results/sweep-gate-counterfact-1000.json
+        python benchmarks/sweep_gate.py --n 1000 --hparam key=pooled --hparam pool_max=3 --margins none \
+            --gammas 0.55,0.6,0.65,0.7,0.75,0.8 --out benchmarks/results/sweep-gate-pooled3-train.json
         python benchmarks/sweep_gate.py --gate relation --dataset knowedit-cf-train --n 50 \\
             --hparam relation_gamma=0.5 --gammas 0.65 --rhos 0.5,0.55,0.6,0.65,0.7 \\
             --cases benchmarks/results/knowedit-cf-train-50-relation.cases.json \\
@@ -109,8 +111,10 @@ def trace(editor: NeuralDBEditor, gk: GateKeys, kind: str, requests: list[EditRe
 def cosine_rules(editor: NeuralDBEditor, gk: GateKeys, traced: Traced, requests: list[EditRequest],
                  args: argparse.Namespace) -> dict[str, Rule]:
     h, m = editor.hparams, len(requests)
-    closest = radius.radii(editor.lm, requests, gk.keys, h.layer, -1.0, 0.0, 1.0)  # the closest look-alike's cosine
     rules = {f"cosine γ={x}": (traced, torch.full((m,), float(x))) for x in args.gammas.split(",")}
+    if args.margins == "none" or h.key == "pooled":  # look-alike radii are of last-token keys
+        return rules
+    closest = radius.radii(editor.lm, requests, gk.keys, h.layer, -1.0, 0.0, 1.0)  # the closest look-alike's cosine
     for margin in map(float, args.margins.split(",")):
         for cap in map(float, args.caps.split(",")):
             rules[f"radius γ={h.gamma} m={margin} cap={cap}"] = (
@@ -136,7 +140,7 @@ def main() -> None:
     ap.add_argument("--gate", choices=("cosine", "relation"), default="cosine",
                     help="cosine: cosine γ and radius rules; relation: subject γ × relation ρ")
     ap.add_argument("--gammas", default="0.65,0.7,0.75,0.8,0.85")
-    ap.add_argument("--margins", default="0,0.02,0.05")
+    ap.add_argument("--margins", default="0,0.02,0.05", help="radius margins, or none: no radius rules")
     ap.add_argument("--caps", default="0.8,0.85,0.9,0.95")
     ap.add_argument("--rhos", default="0.3,0.4,0.5,0.6,0.7,0.8")
     ap.add_argument("--hparam", action="append", default=[], help="KEY=VALUE of the editor (as in the run)")

@@ -49,29 +49,62 @@ class Firing:
     fired: torch.Tensor
 
 
+def window_cosines(x: torch.Tensor, keys: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Cosines ``[b, t, m]`` of pooled token keys with stored unit keys ``[m, d_ff]``.
+
+    Fact j's key pools ``windows[j]`` = w tokens (its subject's length): at token t, the sum of the
+    unit keys of tokens t-w+1 … t of ``x`` ``[b, t, d_ff]`` (w = 1: token t's key, as the plain
+    gate), leaving out the call's first token when w > 1 (the attention sink every sequence
+    starts with); where a window does not fit in the call (t < w - 1) the cosine is -2 (never
+    fires). One pass per distinct window length, none per fact or token."""
+    u = torch.nn.functional.normalize(x.float(), dim=-1)
+    cos = u.new_full((*u.shape[:-1], keys.shape[0]), -2.0)
+    sinkless = u.clone()
+    sinkless[:, :1] = 0.0
+    pooled, done = torch.zeros_like(u), 0  # pooled = Σ_{j < done} sinkless shifted right by j
+    for w in sorted({int(w) for w in windows.tolist()}):
+        cols = (windows == w).nonzero().squeeze(1)
+        if w == 1:
+            cos[..., cols] = u @ keys[cols].T
+            continue
+        for j in range(done, min(w, u.shape[1])):
+            pooled[:, j:] += sinkless[:, : u.shape[1] - j]
+        done = w
+        c = torch.nn.functional.normalize(pooled, dim=-1) @ keys[cols].T  # [b, t, m_w]
+        c[:, : w - 1] = -2.0
+        cos[..., cols] = c
+    return cos
+
+
 class GatedProjection(nn.Module):
     """Wraps ``base_layer`` (Linear or Conv1D); keys ``[m, d_ff]`` unit-norm, residuals
-    ``[m, d_model]``, thresholds ``[m]`` (or one float for every fact)."""
+    ``[m, d_model]``, thresholds ``[m]`` (or one float for every fact); ``windows`` ``[m]``: each
+    fact's key pools that many tokens (:func:`window_cosines`), None: every key is one token's."""
 
     def __init__(self, base_layer: nn.Module, keys: torch.Tensor, residuals: torch.Tensor,
-                 thresholds: torch.Tensor | float):
+                 thresholds: torch.Tensor | float, windows: torch.Tensor | None = None):
         super().__init__()
         self.base_layer = base_layer
         self.enabled = True
         self.trace: list[Firing] | None = None
-        self.set_memory(keys, residuals, thresholds)
+        self.set_memory(keys, residuals, thresholds, windows)
 
-    def set_memory(self, keys: torch.Tensor, residuals: torch.Tensor, thresholds: torch.Tensor | float) -> None:
+    def set_memory(self, keys: torch.Tensor, residuals: torch.Tensor, thresholds: torch.Tensor | float,
+                   windows: torch.Tensor | None = None) -> None:
         w = next(self.base_layer.parameters())
         self.keys = keys.to(w.device, torch.float32)
         self.residuals = residuals.to(w.device, torch.float32)
         self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32).expand(keys.shape[0]).to(w.device)
+        self.windows = None if windows is None else windows.to(w.device, torch.long)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if not self.enabled or self.keys.shape[0] == 0:
             return out
-        cos = torch.nn.functional.normalize(x.float(), dim=-1) @ self.keys.T  # [..., m]
+        if self.windows is not None and x.dim() == 3:
+            cos = window_cosines(x, self.keys, self.windows)
+        else:
+            cos = torch.nn.functional.normalize(x.float(), dim=-1) @ self.keys.T  # [..., m]
         best, index = cos.max(dim=-1)
         fired = best > self.thresholds[index]
         return _add_fired(out, best, index, fired, self.residuals, self.trace)
@@ -190,9 +223,9 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def install(model: nn.Module, path: str, keys: torch.Tensor, residuals: torch.Tensor,
-            thresholds: torch.Tensor | float) -> GatedProjection:
+            thresholds: torch.Tensor | float, windows: torch.Tensor | None = None) -> GatedProjection:
     """Wrap the module at ``path`` (or update the wrapper already there) and return the gate;
-    ``thresholds``: θ per fact ``[m]``, or γ for every fact."""
+    ``thresholds``: θ per fact ``[m]``, or γ for every fact; ``windows``: see :class:`GatedProjection`."""
     found = find(model)
     if found is not None and not isinstance(found[1], GatedProjection):
         unload(model)
@@ -200,9 +233,9 @@ def install(model: nn.Module, path: str, keys: torch.Tensor, residuals: torch.Te
     parent = get_module(model, parent_path)
     current = getattr(parent, name)
     if isinstance(current, GatedProjection):
-        current.set_memory(keys, residuals, thresholds)
+        current.set_memory(keys, residuals, thresholds, windows)
         return current
-    gate = GatedProjection(current, keys, residuals, thresholds)
+    gate = GatedProjection(current, keys, residuals, thresholds, windows)
     setattr(parent, name, gate)
     return gate
 

@@ -91,3 +91,40 @@ def value_residuals(lm: LoadedModel, layer: int, values: torch.Tensor, resid: to
             values.double().cpu())  # [F, d_model, d_model]
     # rtol drops the (near-)zero singular value of the scale direction (non-zero only through eps)
     return (torch.linalg.pinv(jac, rtol=1e-4) @ resid.double().unsqueeze(2)).squeeze(2).float()
+
+
+@torch.no_grad()
+def pooled_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[str], layer: int,
+                batch_size: int = 64, most: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subject keys pooled over the subject's tokens, as :func:`neuraldb.gate.window_cosines`
+    reads them at inference: ``(keys [F, d_ff] unit-norm, windows [F])``.
+
+    A fact's window w is its subject's token count in the bare prompt (at most ``most``; 0: no
+    limit). In every row (the prompt
+    under each context template) the unit keys of the w tokens ending at the subject's last token
+    are summed, leaving out the row's first token when w > 1 (the attention sink) and normalised;
+    rows are averaged as :func:`neuraldb.targets.average_keys` does (a row whose subject ends on its
+    first token is left out), and the result normalised."""
+    lm.arch.check_layer(layer)
+    keys, windows = [], []
+    for start in range(0, len(requests), batch_size):
+        rows = build_rows(lm, requests[start : start + batch_size], templates, targets=False)
+        batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
+        s, dev = batch.anchor, lm.device
+        with capture(lm.model, inputs={"k": lm.arch.w_out_path(layer)},
+                     select=lambda t, s=s: t[:, : s + 1].float().cpu()) as got:
+            with stop_after(lm.model, lm.arch.layer_path(layer)):
+                lm.backbone(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                            position_ids=batch.position_ids.to(dev))
+        unit = torch.nn.functional.normalize(got["k"], dim=-1)  # [rows, s + 1, d_ff]
+        width = torch.tensor([max(1, rows.encoded[b].subject_tokens) for b in rows.bare])
+        width = width.clamp(max=most) if most else width
+        per_row = []
+        for r, e in enumerate(rows.encoded):
+            w = int(width[rows.fact[r]])
+            first = max(e.subject_last - w + 1, 1 if w > 1 else 0)  # token indices in row r
+            cols = slice(int(batch.offset[r]) + first, int(batch.offset[r]) + e.subject_last + 1)
+            per_row.append(torch.nn.functional.normalize(unit[r, cols].sum(0), dim=0))
+        keys.append(torch.nn.functional.normalize(average_keys(torch.stack(per_row), rows, True), dim=1))
+        windows.append(width)
+    return torch.cat(keys), torch.cat(windows)

@@ -26,7 +26,7 @@ from neuraldb import gate, radius, relation
 from neuraldb.editor import Editor, Progress, register
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_meta
-from neuraldb.keys import subject_keys
+from neuraldb.keys import pooled_keys, subject_keys
 from neuraldb.models import LoadedModel
 from neuraldb.store import READS as STORE_FORMATS
 from neuraldb.store import FactStore, StoreError
@@ -34,6 +34,7 @@ from neuraldb.targets import TargetConfig, TargetHparams, Targets, optimize
 from neuraldb.templates import context_templates
 
 GATES = ("cosine", "radius", "relation")
+KEYS = ("last", "pooled")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,11 @@ class NeuralDBHparams(TargetHparams):
     a rank-``relation_rank`` :class:`neuraldb.relation.RelationMap` (fitted with
     ``relation_inner`` tokens inside each training prompt as hard negatives, 0: none), matches the
     fact's above ``relation_gamma``; the residual then sits at ``relation_layer`` at the prompt's last token:
-    :func:`neuraldb.gate.install_relation`); ``batch_size``: the number of facts optimised
+    :func:`neuraldb.gate.install_relation`); ``key``: ``"last"`` (the subject key is one token's,
+    the subject's last) or ``"pooled"`` (with the cosine gate: the key pools the unit keys of all the
+    subject's tokens, at most ``pool_max`` (0: all), so names sharing only a last word differ:
+    :func:`neuraldb.keys.pooled_keys`,
+    :func:`neuraldb.gate.window_cosines`); ``batch_size``: the number of facts optimised
     together; the residual optimisation and context templates:
     :class:`neuraldb.targets.TargetHparams`.
     """
@@ -56,6 +61,8 @@ class NeuralDBHparams(TargetHparams):
     layer: int
     gamma: float = 0.65
     gate: str = "cosine"
+    key: str = "last"
+    pool_max: int = 0
     radius_margin: float = 0.02
     radius_cap: float = 0.9
     relation_layer: int = 22  # the model presets set it (3/4 of the depth otherwise)
@@ -70,6 +77,12 @@ class NeuralDBHparams(TargetHparams):
             raise ValueError(f"gamma must be in [-1, 1), got {self.gamma}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if self.key not in KEYS:
+            raise ValueError(f"key must be one of {', '.join(KEYS)}, got {self.key!r}")
+        if self.pool_max < 0:
+            raise ValueError(f"pool_max must be 0 (the whole subject) or more, got {self.pool_max}")
+        if self.key == "pooled" and self.gate != "cosine":
+            raise ValueError(f"key=pooled works with gate=cosine, not gate={self.gate}")
         if self.gate == "radius" and not self.gamma <= self.radius_cap < 1.0:
             raise ValueError(f"radius_cap must be in [gamma, 1) = [{self.gamma}, 1), got {self.radius_cap}")
         if self.gate == "relation":
@@ -138,11 +151,13 @@ PRESETS: dict[str, dict[str, float | int]] = {
 @dataclass
 class GateKeys:
     """What decides where facts fire: unit subject keys ``[F, d_ff]``, their thresholds θ ``[F]``
-    (γ, or the radius) and, with the relation gate, unit relation keys ``[F, r]``."""
+    (γ, or the radius), with the relation gate unit relation keys ``[F, r]``, and with pooled keys
+    each key's window ``[F]`` (tokens pooled)."""
 
     keys: torch.Tensor
     theta: torch.Tensor
     relation: torch.Tensor | None
+    windows: torch.Tensor | None = None
 
 
 @register("neuraldb")
@@ -155,7 +170,7 @@ class NeuralDBEditor(Editor):
         h = self.hparams
         self.store = store or FactStore(
             lm.name, lm.fingerprint, lm.arch.model_type, h.layer, h.gamma, lm.arch.d_ff, lm.arch.d_model,
-            hparams=h.to_dict())
+            hparams=h.to_dict(), windows=torch.zeros(0, dtype=torch.long) if h.key == "pooled" else None)
         self.last_targets: Targets | None = None
 
     @classmethod
@@ -186,13 +201,16 @@ class NeuralDBEditor(Editor):
             self.prepare()
         with self.disabled():
             targets = optimize(self.lm, requests, templates, h.target_config(), h.batch_size, progress)
+            windows = None
             if h.gate == "relation":
                 keys = subject_keys(self.lm, requests, templates, [h.layer], skip_first=True).keys[h.layer]
                 rel = self.store.relation.project(targets.keys)  # type: ignore[union-attr]
+            elif h.key == "pooled":
+                (keys, windows), rel = pooled_keys(self.lm, requests, templates, h.layer, most=h.pool_max), None
             else:
                 keys, rel = targets.keys, None
         self.store.add(requests, keys, targets.delta, replace=replace, radii=self.radii(requests, keys),
-                       relation_keys=rel)
+                       relation_keys=rel, windows=windows)
         self.last_targets = targets
         self.install()
 
@@ -215,6 +233,10 @@ class NeuralDBEditor(Editor):
         analyses (``neuraldb explain``, the gate sweeps)."""
         h, templates = self.hparams, self.templates()
         self.prepare()
+        if h.key == "pooled":
+            with self.disabled():
+                keys, windows = pooled_keys(self.lm, requests, templates, h.layer, most=h.pool_max)
+            return GateKeys(keys, torch.full((len(requests),), h.gamma), None, windows)
         with self.disabled():
             keys = subject_keys(self.lm, requests, templates, [h.layer],
                                 skip_first=h.target_config().skip_first_token_keys).keys[h.layer]
@@ -235,7 +257,7 @@ class NeuralDBEditor(Editor):
         h, lm, m = self.hparams, self.lm, k.keys.shape[0]
         zeros = torch.zeros(m, lm.arch.d_model)
         if k.relation is None:
-            return gate.install(lm.model, self.path, k.keys, zeros, -1.0), h.layer, k.theta
+            return gate.install(lm.model, self.path, k.keys, zeros, -1.0, k.windows), h.layer, k.theta
         g = gate.install_relation(lm.model, self.path, lm.arch.w_out_path(h.relation_layer), k.keys, k.theta,
                                   self.store.relation, k.relation, zeros, -2.0)
         return g, h.relation_layer, torch.full((m,), h.relation_gamma)
@@ -259,7 +281,7 @@ class NeuralDBEditor(Editor):
             return gate.install_relation(self.lm.model, self.path, self.lm.arch.w_out_path(h.relation_layer),
                                          s.keys, s.thresholds(), s.relation, s.relation_keys, s.residuals,
                                          h.relation_gamma)
-        return gate.install(self.lm.model, self.path, s.keys, s.residuals, s.thresholds())
+        return gate.install(self.lm.model, self.path, s.keys, s.residuals, s.thresholds(), s.windows)
 
     def restore(self) -> None:
         gate.unload(self.lm.model)
@@ -307,6 +329,8 @@ class NeuralDBEditor(Editor):
                 store.relation is not None and store.relation.layer != hparams.relation_layer):
             raise StoreError(f"{path} is corrupt: its gate ({hparams.gate}, relation layer "
                              f"{hparams.relation_layer}) does not match its relation map")
+        if (hparams.key == "pooled") != (store.windows is not None):
+            raise StoreError(f"{path} is corrupt: its keys ({hparams.key}) do not match its windows")
         editor = cls(lm, hparams, store)
         editor.install()
         return editor

@@ -24,15 +24,28 @@ class Encoded:
         ids: prompt ids followed by target ids.
         n_prompt: number of prompt ids (target ids start here).
         subject_last: index of the subject's last token (``-1`` when there is no subject).
+        subject_first: index of the subject's first token (``-1`` when there is no subject or it
+            was not recorded).
     """
 
     ids: tuple[int, ...]
     n_prompt: int
     subject_last: int
+    subject_first: int = -1
+
+    @property
+    def subject_tokens(self) -> int:
+        """How many tokens the subject spans (0 when unknown)."""
+        return self.subject_last - self.subject_first + 1 if self.subject_first >= 0 else 0
 
     @property
     def n_target(self) -> int:
         return len(self.ids) - self.n_prompt
+
+
+def subject_first_token(offsets: list[tuple[int, int]], start: int, end: int) -> int:
+    """Index of the first token overlapping characters ``[start, end)``."""
+    return next(i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start)
 
 
 def subject_last_token(offsets: list[tuple[int, int]], start: int, end: int) -> int:
@@ -57,11 +70,13 @@ def encode(
     """Tokenise ``text`` (+ ``target``) and locate the subject given by its character span."""
     enc = tok(text, add_special_tokens=True, return_offsets_mapping=subject_span is not None)
     ids = list(enc["input_ids"])
-    last = -1
+    first = last = -1
     if subject_span is not None:
-        last = subject_last_token([tuple(o) for o in enc["offset_mapping"]], *subject_span)
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        last = subject_last_token(offsets, *subject_span)
+        first = min(subject_first_token(offsets, *subject_span), last)
     target_ids = tok(target, add_special_tokens=False)["input_ids"] if target else []
-    return Encoded(tuple(ids + list(target_ids)), len(ids), last)
+    return Encoded(tuple(ids + list(target_ids)), len(ids), last, first)
 
 
 def encode_with_subject(

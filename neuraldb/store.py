@@ -5,7 +5,8 @@ unit-norm rows; ``residuals`` ``[m, d_model]`` float32; ``radii`` ``[m]`` float3
 look-alike radius, −1 for none, see :mod:`neuraldb.radius`; written only when some fact has one,
 a store without radii keeps format 1 and no radii tensor; with the relation gate, format 3 adds
 ``relation_keys`` ``[m, r]`` unit-norm and the :class:`neuraldb.relation.RelationMap` tensors, and the
-residuals then sit at the relation layer) and ``store.json`` (format version, edit
+residuals then sit at the relation layer; with pooled subject keys (``key="pooled"``), format 4 adds
+``windows`` ``[m]`` int64, the number of tokens each key pools, see :func:`neuraldb.gate.window_cosines`) and ``store.json`` (format version, edit
 layer, γ, hyperparameters, context templates, model name and fingerprint, the fact records in
 column order, and the sha256 of the tensor file). Same contents → same bytes.
 """
@@ -25,7 +26,8 @@ from neuraldb.relation import RelationMap
 FORMAT = "neuraldb-store/2"
 FORMAT_NO_RADII = "neuraldb-store/1"  # no radii tensor: every fact fires above γ
 FORMAT_RELATION = "neuraldb-store/3"  # relation keys and the relation map (gate="relation")
-READS = (FORMAT_RELATION, FORMAT, FORMAT_NO_RADII)
+FORMAT_POOLED = "neuraldb-store/4"  # pooled subject keys: each fact's window (key="pooled")
+READS = (FORMAT_POOLED, FORMAT_RELATION, FORMAT, FORMAT_NO_RADII)
 NO_RADIUS = -1.0
 
 
@@ -40,7 +42,8 @@ class FactStore:
     Attributes:
         keys: ``[m, d_ff]`` unit-norm keys; residuals: ``[m, d_model]``; radii: ``[m]``; facts: m
         records. A fact fires where it is the best match and its cosine exceeds
-        :meth:`thresholds` (γ, or the fact's radius when that is higher).
+        :meth:`thresholds` (γ, or the fact's radius when that is higher). ``windows``: ``[m]``
+        int64 in a store of pooled keys (each key's token count), None in the others.
     """
 
     model_name: str
@@ -58,6 +61,7 @@ class FactStore:
     radii: torch.Tensor = None  # type: ignore[assignment]
     relation: RelationMap | None = None
     relation_keys: torch.Tensor = None  # type: ignore[assignment]
+    windows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.relation_keys is None:
@@ -88,10 +92,16 @@ class FactStore:
             raise KeyError(f"no fact with id {fact_id!r} in the store") from None
 
     def add(self, facts: list[EditRequest], keys: torch.Tensor, residuals: torch.Tensor, replace: bool = False,
-            radii: torch.Tensor | None = None, relation_keys: torch.Tensor | None = None) -> None:
+            radii: torch.Tensor | None = None, relation_keys: torch.Tensor | None = None,
+            windows: torch.Tensor | None = None) -> None:
         """Append facts (keys are normalised here; ``radii`` ``[F]``, None: no radius;
-        ``relation_keys`` ``[F, r]``, required when the store has a relation map); an existing id is
-        replaced only with ``replace``."""
+        ``relation_keys`` ``[F, r]``, required when the store has a relation map; ``windows`` ``[F]``,
+        required in a store of pooled keys and refused in the others); an existing id is replaced
+        only with ``replace``."""
+        if (windows is None) != (self.windows is None):
+            raise StoreError("a store of pooled keys needs every fact's window, and only such a store takes them")
+        if windows is not None and (windows.shape != (len(facts),) or bool((windows < 1).any())):
+            raise StoreError(f"shape mismatch: {len(facts)} facts, windows {tuple(windows.shape)} (each at least 1)")
         if radii is None:
             radii = torch.full((len(facts),), NO_RADIUS)
         rank = 0 if self.relation is None else self.relation.rank
@@ -117,6 +127,8 @@ class FactStore:
         self.radii = torch.cat([self.radii, radii.float()])
         self.relation_keys = torch.cat([self.relation_keys,
                                         torch.nn.functional.normalize(relation_keys.float(), dim=1)])
+        if windows is not None and self.windows is not None:
+            self.windows = torch.cat([self.windows, windows.long()])
 
     def remove(self, fact_ids: list[str]) -> None:
         drop = {self.index(i) for i in fact_ids}
@@ -126,6 +138,8 @@ class FactStore:
         self.residuals = self.residuals[keep]
         self.radii = self.radii[keep]
         self.relation_keys = self.relation_keys[keep]
+        if self.windows is not None:
+            self.windows = self.windows[keep]
 
     def check_model(self, fingerprint: str, d_ff: int, d_model: int) -> None:
         if (d_ff, d_model) != (self.d_ff, self.d_model):
@@ -144,6 +158,8 @@ class FactStore:
     def format(self) -> str:
         if self.relation is not None:
             return FORMAT_RELATION
+        if self.windows is not None:
+            return FORMAT_POOLED
         return FORMAT if self.has_radii() else FORMAT_NO_RADII
 
     def meta(self) -> dict[str, Any]:
@@ -160,8 +176,10 @@ class FactStore:
         """Write the store folder atomically: a complete new folder replaces the old one."""
         try:
             tensors = {"keys": self.keys, "residuals": self.residuals}
-            if self.has_radii() or self.relation is not None:
+            if self.has_radii() or self.relation is not None or self.windows is not None:
                 tensors["radii"] = self.radii
+            if self.windows is not None:
+                tensors["windows"] = self.windows
             if self.relation is not None:
                 tensors |= {"relation_keys": self.relation_keys} | self.relation.tensors()
             write_artifact(path, "store.json", self.meta(), tensors)
@@ -174,8 +192,9 @@ class FactStore:
             meta, t = read_artifact(path, "store.json", READS)
         except ArtifactError as e:
             raise StoreError(str(e)) from None
-        if meta["format"] in (FORMAT, FORMAT_RELATION) and "radii" not in t:
+        if meta["format"] in (FORMAT, FORMAT_RELATION, FORMAT_POOLED) and "radii" not in t:
             raise StoreError(f"{path} is corrupt: a {meta['format']} store without its radii tensor")
+        windows = _windows(path, meta, t)
         relation = _relation(path, meta, t)
         radii = t.get("radii")
         if radii is not None and not bool(torch.isfinite(radii.float()).all()):
@@ -185,12 +204,25 @@ class FactStore:
                     m["d_model"], meta["hparams"], meta["templates"],
                     [EditRequest.from_dict(f) for f in meta["facts"]], t["keys"], t["residuals"],
                     None if radii is None else radii.float(), relation,
-                    None if relation is None else t["relation_keys"].float())
+                    None if relation is None else t["relation_keys"].float(), windows)
         if (store.keys.shape != (len(store), store.d_ff) or store.residuals.shape != (len(store), store.d_model)
                 or store.radii.shape != (len(store),)
-                or store.relation_keys.shape != (len(store), 0 if relation is None else relation.rank)):
+                or store.relation_keys.shape != (len(store), 0 if relation is None else relation.rank)
+                or (windows is not None and windows.shape != (len(store),))):
             raise StoreError(f"{path} is corrupt: tensor shapes do not match its {len(store)} facts")
         return store
+
+
+def _windows(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The windows of a format-4 store (None for the others), checked."""
+    if meta["format"] != FORMAT_POOLED:
+        return None
+    if "windows" not in t:
+        raise StoreError(f"{path} is corrupt: a {FORMAT_POOLED} store without its windows tensor")
+    w = t["windows"]
+    if w.dtype != torch.int64 or w.dim() != 1 or bool((w < 1).any()):
+        raise StoreError(f"{path} is corrupt: windows must be token counts of at least 1")
+    return w
 
 
 def _relation(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> RelationMap | None:

@@ -189,7 +189,7 @@ def _build_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[st
                 rows.bare.append(len(rows.encoded))
             else:
                 rows.templated[i].append(len(rows.encoded))
-            rows.encoded.append(Encoded(e.ids[:-1], e.n_prompt, e.subject_last) if targets else e)
+            rows.encoded.append(Encoded(e.ids[:-1], e.n_prompt, e.subject_last, e.subject_first) if targets else e)
             rows.fact.append(i)
             rows.targets.append(e.ids[e.n_prompt:])
         if not targets:
