@@ -439,8 +439,6 @@ def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, bat
                     mquake_group: int) -> None:
     """Shared body of ``eval`` and ``compare``; ``mquake_set``: MQuAKE after the main benchmark, same editors,
     saved inside the main result (``"mquake"``) and its report."""
-    import json
-
     from evals import datasets, mquake, report, runner
     from evals.evaluate import EvalOptions
     from evals.protocol import Protocol

@@ -150,12 +150,11 @@ def _against_cases(kind: str, cases: dict[str, Any], editor: str, requests: list
             cause = _cause(why["neighborhood"][i][j])
             flipped[cause] += 1
             if len(examples) < n_examples and cause != "none":
-                t = traced["neighborhood"][i][j][0]
-                pos = max((p for p in t.scored() if float(t.cosine[p]) > float(theta[t.index[p]])),
-                          key=lambda p: float(t.cosine[p]), default=None)
-                if pos is None:
-                    t = traced["neighborhood"][i][j][-1]
-                    pos = max(t.scored(), key=lambda p: float(t.cosine[p]))
+                hits = [(t, p) for t in traced["neighborhood"][i][j] for p in t.scored()
+                        if float(t.cosine[p]) > float(theta[t.index[p]])]  # fired, under any scored answer
+                if not hits:
+                    continue
+                t, pos = max(hits, key=lambda h: float(h[0].cosine[h[1]]))
                 f = requests[int(t.index[pos])]
                 examples.append({"record": r.id, "prompt": r.locality[j][0], "answer": r.locality[j][1],
                                  "cause": cause, "fired_at": tok.decode([t.ids[pos]]), "fired_fact": f.id,

@@ -6,9 +6,10 @@ look-alike radius, −1 for none, see :mod:`neuraldb.radius`; written only when 
 a store without radii keeps format 1 and no radii tensor; with the relation gate, format 3 adds
 ``relation_keys`` ``[m, r]`` unit-norm and the :class:`neuraldb.relation.RelationMap` tensors, and the
 residuals then sit at the relation layer; with pooled subject keys (``key="pooled"``), format 4 adds
-``windows`` ``[m]`` int64, the number of tokens each key pools, see :func:`neuraldb.gate.window_cosines`) and ``store.json`` (format version, edit
-layer, γ, hyperparameters, context templates, model name and fingerprint, the fact records in
-column order, and the sha256 of the tensor file). Same contents → same bytes.
+``windows`` ``[m]`` int64, the number of tokens each key pools, see
+:func:`neuraldb.gate.window_cosines`) and ``store.json`` (format version, edit layer, γ,
+hyperparameters, context templates, model name and fingerprint, the fact records in column order,
+and the sha256 of the tensor file). Same contents → same bytes.
 """
 
 from __future__ import annotations

@@ -85,13 +85,15 @@ def test_a_pooled_store_round_trips_and_refuses_bad_windows(tmp_path):
     assert torch.equal(again.store.windows, ed.store.windows) and again.hparams.key == "pooled"
     assert fired(again, A_IN.prompt) == [0] and fired(again, STRANGER) == []
     again.save(tmp_path / "t")
-    assert (tmp_path / "s" / "tensors.safetensors").read_bytes() == (tmp_path / "t" / "tensors.safetensors").read_bytes()
+    tensors = "tensors.safetensors"
+    assert (tmp_path / "s" / tensors).read_bytes() == (tmp_path / "t" / tensors).read_bytes()
     store = FactStore.load(tmp_path / "s")
+    fact = [EditRequest("c", "{} is", "Rome", " x")]
+    key, res = torch.ones(1, lm.arch.d_ff), torch.zeros(1, lm.arch.d_model)
     with pytest.raises(StoreError, match="window"):
-        store.add([EditRequest("c", "{} is", "Rome", " x")], torch.ones(1, lm.arch.d_ff), torch.zeros(1, lm.arch.d_model))
+        store.add(fact, key, res)
     with pytest.raises(StoreError, match="window"):
-        store.add([EditRequest("c", "{} is", "Rome", " x")], torch.ones(1, lm.arch.d_ff), torch.zeros(1, lm.arch.d_model),
-                  windows=torch.tensor([0]))
+        store.add(fact, key, res, windows=torch.tensor([0]))
     with pytest.raises(ValueError, match="key=pooled works with gate=cosine"):
         HP.replace(key="pooled", gate="radius").validate(lm)
     with pytest.raises(ValueError, match="pool_max"):
