@@ -101,8 +101,9 @@ class GatedProjection(nn.Module):
         out = self.base_layer(x)
         if not self.enabled or self.keys.shape[0] == 0:
             return out
-        if self.windows is not None and x.dim() == 3:
-            cos = window_cosines(x, self.keys, self.windows)
+        if self.windows is not None:  # pooled keys: the window runs along the sequence dimension
+            cos = window_cosines(x.reshape(-1, *x.shape[-2:]), self.keys, self.windows).reshape(
+                *x.shape[:-1], -1)
         else:
             cos = torch.nn.functional.normalize(x.float(), dim=-1) @ self.keys.T  # [..., m]
         best, index = cos.max(dim=-1)

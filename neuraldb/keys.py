@@ -100,11 +100,11 @@ def pooled_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[st
     reads them at inference: ``(keys [F, d_ff] unit-norm, windows [F])``.
 
     A fact's window w is its subject's token count in the bare prompt (at most ``most``; 0: no
-    limit). In every row (the prompt
-    under each context template) the unit keys of the w tokens ending at the subject's last token
-    are summed, leaving out the row's first token when w > 1 (the attention sink) and normalised;
-    rows are averaged as :func:`neuraldb.targets.average_keys` does (a row whose subject ends on its
-    first token is left out), and the result normalised."""
+    limit). In every row (the prompt under each context template) the unit keys of the w tokens
+    ending at the subject's last token are summed, leaving out the row's first token when w > 1
+    (the attention sink), and normalised; rows are averaged as
+    :func:`neuraldb.targets.average_keys` does (a row whose subject ends on its first token is left
+    out), and the result normalised."""
     lm.arch.check_layer(layer)
     keys, windows = [], []
     for start in range(0, len(requests), batch_size):
