@@ -49,21 +49,27 @@ class Firing:
     fired: torch.Tensor
 
 
-def window_cosines(x: torch.Tensor, keys: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+def window_groups(windows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """``windows`` ``[m]`` as (window length, the columns of the facts with it), shortest first:
+    computed once per store change, not per forward (no host sync on the hot path)."""
+    return [(w, (windows == w).nonzero().squeeze(1)) for w in sorted({int(w) for w in windows.tolist()})]
+
+
+def window_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
     """Cosines ``[b, t, m]`` of pooled token keys with stored unit keys ``[m, d_ff]``.
 
-    Fact j's key pools ``windows[j]`` = w tokens (its subject's length): at token t, the sum of the
-    unit keys of tokens t-w+1 … t of ``x`` ``[b, t, d_ff]`` (w = 1: token t's key, as the plain
-    gate), leaving out the call's first token when w > 1 (the attention sink every sequence
-    starts with); where a window does not fit in the call (t < w - 1) the cosine is -2 (never
-    fires). One pass per distinct window length, none per fact or token."""
+    ``groups``: :func:`window_groups` of the facts' windows. Fact j's key pools its window w
+    (its subject's length in tokens): at token t, the sum of the unit keys of tokens t-w+1 … t of
+    ``x`` ``[b, t, d_ff]`` (w = 1: token t's key, as the plain gate), leaving out the call's first
+    token when w > 1 (the attention sink every sequence starts with); where a window does not fit
+    in the call (t < w - 1) the cosine is -2 (never fires). One pass per distinct window length,
+    none per fact or token."""
     u = torch.nn.functional.normalize(x.float(), dim=-1)
     cos = u.new_full((*u.shape[:-1], keys.shape[0]), -2.0)
     sinkless = u.clone()
     sinkless[:, :1] = 0.0
     pooled, done = torch.zeros_like(u), 0  # pooled = Σ_{j < done} sinkless shifted right by j
-    for w in sorted({int(w) for w in windows.tolist()}):
-        cols = (windows == w).nonzero().squeeze(1)
+    for w, cols in groups:
         if w == 1:
             cos[..., cols] = u @ keys[cols].T
             continue
@@ -96,13 +102,14 @@ class GatedProjection(nn.Module):
         self.residuals = residuals.to(w.device, torch.float32)
         self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32).expand(keys.shape[0]).to(w.device)
         self.windows = None if windows is None else windows.to(w.device, torch.long)
+        self.groups = None if self.windows is None else window_groups(self.windows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if not self.enabled or self.keys.shape[0] == 0:
             return out
-        if self.windows is not None:  # pooled keys: the window runs along the sequence dimension
-            cos = window_cosines(x.reshape(-1, *x.shape[-2:]), self.keys, self.windows).reshape(
+        if self.groups is not None:  # pooled keys: the window runs along the sequence dimension
+            cos = window_cosines(x.reshape(-1, *x.shape[-2:]), self.keys, self.groups).reshape(
                 *x.shape[:-1], -1)
         else:
             cos = torch.nn.functional.normalize(x.float(), dim=-1) @ self.keys.T  # [..., m]

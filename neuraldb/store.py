@@ -128,8 +128,8 @@ class FactStore:
         self.radii = torch.cat([self.radii, radii.float()])
         self.relation_keys = torch.cat([self.relation_keys,
                                         torch.nn.functional.normalize(relation_keys.float(), dim=1)])
-        if windows is not None and self.windows is not None:
-            self.windows = torch.cat([self.windows, windows.long()])
+        if self.windows is not None:  # then ``windows`` is given (checked above)
+            self.windows = torch.cat([self.windows, windows.long()])  # type: ignore[list-item]
 
     def remove(self, fact_ids: list[str]) -> None:
         drop = {self.index(i) for i in fact_ids}

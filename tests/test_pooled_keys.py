@@ -29,8 +29,9 @@ def test_window_cosines_pool_the_last_w_tokens_without_the_sink():
     x = torch.randn(2, 7, 32)
     keys = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
     u = torch.nn.functional.normalize(x, dim=-1)
-    assert torch.allclose(gate.window_cosines(x, keys, torch.tensor([1, 1, 1])), u @ keys.T)
-    cos = gate.window_cosines(x, keys, torch.tensor([1, 3, 2]))
+    ones = gate.window_groups(torch.tensor([1, 1, 1]))
+    assert torch.allclose(gate.window_cosines(x, keys, ones), u @ keys.T)
+    cos = gate.window_cosines(x, keys, gate.window_groups(torch.tensor([1, 3, 2])))
     unit = torch.nn.functional.normalize
     assert torch.allclose(cos[:, 5, 1], unit(u[:, 3:6].sum(1), dim=-1) @ keys[1], atol=1e-6)
     assert torch.allclose(cos[:, 1, 2], u[:, 1] @ keys[2], atol=1e-6), "token 0 (the sink) is left out"
