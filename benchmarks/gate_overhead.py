@@ -57,7 +57,8 @@ def main() -> None:
         base = tokens_per_s(lm, args.new_tokens, args.repeats)
         bases.append(base)
         keys = torch.nn.functional.normalize(torch.randn(m, lm.arch.d_ff, generator=g), dim=1)
-        gate.install(lm.model, path, keys, torch.randn(m, lm.arch.d_model, generator=g) * 0.01, h.gamma)
+        residuals = torch.randn(m, lm.arch.d_model, generator=g) * 0.01
+        gate.install(lm.model, path, gate.StoredSubjects(keys, h.gamma), residuals)
         tps = tokens_per_s(lm, args.new_tokens, args.repeats)
         gate.unload(lm.model)
         rows.append({"facts": m, "tokens_per_s": tps, "no_gate_tokens_per_s": base, "relative_to_no_gate": tps / base,

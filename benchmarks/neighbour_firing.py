@@ -62,8 +62,8 @@ def main() -> None:
     h = editor.hparams
     keys = subject_keys(lm, requests, editor.templates(), [h.layer],
                         skip_first=h.target_config().skip_first_token_keys).keys[h.layer]
-    g = gate.install(lm.model, editor.path, torch.nn.functional.normalize(keys, dim=1),
-                     torch.zeros(len(requests), lm.arch.d_model), h.gamma)
+    g = gate.install(lm.model, editor.path, gate.StoredSubjects(torch.nn.functional.normalize(keys, dim=1), h.gamma),
+                     torch.zeros(len(requests), lm.arch.d_model))
     rewrite = trace_all(lm, g, h.layer, [encode(tok, r.prompt) for r in requests])
     para_rows = [(i, encode(tok, p)) for i, r in enumerate(requests) for p in r.paraphrases]
     prompts = [[p for p, _ in r.locality] for r in requests]

@@ -112,7 +112,7 @@ def cosine_rules(editor: NeuralDBEditor, gk: GateKeys, traced: Traced, requests:
                  args: argparse.Namespace) -> dict[str, Rule]:
     h, m = editor.hparams, len(requests)
     rules = {f"cosine γ={x}": (traced, torch.full((m,), float(x))) for x in args.gammas.split(",")}
-    if args.margins == "none" or h.key == "pooled":  # look-alike radii are of last-token keys
+    if args.margins == "none" or h.key != "last":  # look-alike radii are of last-token keys alone
         return rules
     closest = radius.radii(editor.lm, requests, gk.keys, h.layer, -1.0, 0.0, 1.0)  # the closest look-alike's cosine
     for margin in map(float, args.margins.split(",")):

@@ -7,6 +7,11 @@ For every token with key k (the projection's input, ``d_ff``):
 θ_j is fact j's threshold: γ for every fact with the plain cosine gate, or γ raised to the fact's
 radius (:mod:`neuraldb.radius`). One matmul against the unit-normalised stored keys per forward;
 no loop over tokens or facts.
+With pooled keys (``key="pooled"``) the cosine is the pool's (:func:`window_cosines`); with dual keys
+(``key="dual"``) the score is ``min(cos(k, k_j), pooled cosine + γ − γ_pool)``: a fact fires only
+where the token's key matches its subject's last-token key above γ *and* the pool of the last w tokens
+matches the subject's pooled key above γ_pool (:func:`subject_cosines`), so a shared last word alone
+("Toko Jordan" for "Michael Jordan") no longer fires.
 Where nothing fires the base output is returned untouched (``torch.where``), so the gated model's
 logits equal the base model's bit for bit.
 
@@ -82,38 +87,76 @@ def window_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, 
     return cos
 
 
-class GatedProjection(nn.Module):
-    """Wraps ``base_layer`` (Linear or Conv1D); keys ``[m, d_ff]`` unit-norm, residuals
-    ``[m, d_model]``, thresholds ``[m]`` (or one float for every fact); ``windows`` ``[m]``: each
-    fact's key pools that many tokens (:func:`window_cosines`), None: every key is one token's."""
+def subject_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, torch.Tensor]] | None = None,
+                    pooled: torch.Tensor | None = None, shift: float = 0.0) -> torch.Tensor:
+    """Subject-key scores ``[..., m]`` of token keys ``x`` ``[..., d_ff]`` against stored unit keys
+    ``[m, d_ff]``: the cosine (``groups`` None); with ``groups`` and no ``pooled``, the pooled
+    cosine of :func:`window_cosines` (``keys`` are then pooled keys); with both (``key="dual"``),
+    ``min(cos(x_t, keys), pooled cosine against pooled ``[m, d_ff]`` + shift)``, so that a score
+    above γ means the token's key is above γ and its pool above γ − shift (``pool_gamma``)."""
+    unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    if groups is None:
+        return unit @ keys.T
+    rows = x.reshape(-1, *x.shape[-2:])  # the window runs along the sequence dimension
+    if pooled is None:
+        return window_cosines(rows, keys, groups).reshape(*x.shape[:-1], -1)
+    pool = window_cosines(rows, pooled, groups).reshape(*x.shape[:-1], -1)
+    return torch.minimum(unit @ keys.T, pool + shift)
 
-    def __init__(self, base_layer: nn.Module, keys: torch.Tensor, residuals: torch.Tensor,
-                 thresholds: torch.Tensor | float, windows: torch.Tensor | None = None):
+
+@dataclass
+class StoredSubjects:
+    """The stored subject side of a gate: unit keys ``[m, d_ff]``, thresholds ``[m]``, and for
+    pooled keys each fact's window ``[m]`` (None: one token's key); with ``key="dual"`` also the
+    pooled unit keys ``[m, d_ff]`` (then ``keys`` are last-token keys) and the pool's shift
+    γ − ``pool_gamma``. See :func:`subject_cosines`."""
+
+    keys: torch.Tensor
+    thresholds: torch.Tensor | float
+    windows: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    shift: float = 0.0
+
+
+class _SubjectScores(nn.Module):
+    """Holds :class:`StoredSubjects` on the wrapped layer's device and scores token keys against them."""
+
+    base_layer: nn.Module
+
+    def set_subjects(self, s: StoredSubjects) -> None:
+        w = next(self.base_layer.parameters())
+        self.keys = s.keys.to(w.device, torch.float32)
+        self.thresholds = torch.as_tensor(s.thresholds, dtype=torch.float32).expand(s.keys.shape[0]).to(w.device)
+        self.windows = None if s.windows is None else s.windows.to(w.device, torch.long)
+        self.groups = None if self.windows is None else window_groups(self.windows)
+        self.pooled = None if s.pooled is None else s.pooled.to(w.device, torch.float32)
+        self.shift = float(s.shift)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., m]``: :func:`subject_cosines` of ``x`` ``[..., d_ff]``."""
+        return subject_cosines(x, self.keys, self.groups, self.pooled, self.shift)
+
+
+class GatedProjection(_SubjectScores):
+    """Wraps ``base_layer`` (Linear or Conv1D); ``subjects``: the stored keys and thresholds
+    (:class:`StoredSubjects`), residuals ``[m, d_model]``."""
+
+    def __init__(self, base_layer: nn.Module, subjects: StoredSubjects, residuals: torch.Tensor):
         super().__init__()
         self.base_layer = base_layer
         self.enabled = True
         self.trace: list[Firing] | None = None
-        self.set_memory(keys, residuals, thresholds, windows)
+        self.set_memory(subjects, residuals)
 
-    def set_memory(self, keys: torch.Tensor, residuals: torch.Tensor, thresholds: torch.Tensor | float,
-                   windows: torch.Tensor | None = None) -> None:
-        w = next(self.base_layer.parameters())
-        self.keys = keys.to(w.device, torch.float32)
-        self.residuals = residuals.to(w.device, torch.float32)
-        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32).expand(keys.shape[0]).to(w.device)
-        self.windows = None if windows is None else windows.to(w.device, torch.long)
-        self.groups = None if self.windows is None else window_groups(self.windows)
+    def set_memory(self, subjects: StoredSubjects, residuals: torch.Tensor) -> None:
+        self.set_subjects(subjects)
+        self.residuals = residuals.to(self.keys.device, torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if not self.enabled or self.keys.shape[0] == 0:
             return out
-        if self.groups is not None:  # pooled keys: the window runs along the sequence dimension
-            cos = window_cosines(x.reshape(-1, *x.shape[-2:]), self.keys, self.groups).reshape(
-                *x.shape[:-1], -1)
-        else:
-            cos = torch.nn.functional.normalize(x.float(), dim=-1) @ self.keys.T  # [..., m]
-        best, index = cos.max(dim=-1)
+        best, index = self.scores(x).max(dim=-1)
         fired = best > self.thresholds[index]
         return _add_fired(out, best, index, fired, self.residuals, self.trace)
 
@@ -127,29 +170,22 @@ class RelationState:
         self.seen: torch.Tensor | None = None
 
 
-class SubjectWatch(nn.Module):
+class SubjectWatch(_SubjectScores):
     """Wraps the subject layer's FFN output projection; returns its output untouched and records in
-    ``state.seen`` which facts' subjects (unit keys ``[m, d_ff]``, thresholds ``[m]``) were seen at or
-    before each token."""
+    ``state.seen`` which facts' subjects (:class:`StoredSubjects`) were seen at or before each token."""
 
-    def __init__(self, base_layer: nn.Module, keys: torch.Tensor, thresholds: torch.Tensor | float,
-                 state: RelationState):
+    def __init__(self, base_layer: nn.Module, subjects: StoredSubjects, state: RelationState):
         super().__init__()
         self.base_layer = base_layer
         self.state = state
-        self.set_memory(keys, thresholds)
-
-    def set_memory(self, keys: torch.Tensor, thresholds: torch.Tensor | float) -> None:
-        w = next(self.base_layer.parameters())
-        self.keys = keys.to(w.device, torch.float32)
-        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32).expand(keys.shape[0]).to(w.device)
+        self.set_subjects(subjects)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         self.state.seen = None
         if not self.state.enabled or self.keys.shape[0] == 0 or x.dim() != 3:
             return out
-        hit = (torch.nn.functional.normalize(x.float(), dim=-1) @ self.keys.T) > self.thresholds  # [b, t, m]
+        hit = self.scores(x) > self.thresholds  # [b, t, m]
         self.state.seen = hit.to(torch.uint8).cummax(dim=1).values.bool()
         return out
 
@@ -205,9 +241,9 @@ def _add_fired(out: torch.Tensor, best: torch.Tensor, index: torch.Tensor, fired
     return torch.where(fired.unsqueeze(-1), added, out)
 
 
-def install_relation(model: nn.Module, subject_path: str, relation_path: str, subject_keys: torch.Tensor,
-                     thresholds: torch.Tensor | float, relation_map: Any, relation_keys: torch.Tensor,
-                     residuals: torch.Tensor, rho: float) -> RelationGatedProjection:
+def install_relation(model: nn.Module, subject_path: str, relation_path: str, subjects: StoredSubjects,
+                     relation_map: Any, relation_keys: torch.Tensor, residuals: torch.Tensor,
+                     rho: float) -> RelationGatedProjection:
     """Wrap the subject layer's projection in a :class:`SubjectWatch` and the relation layer's in a
     :class:`RelationGatedProjection` (or update the wrappers already there); returns the gate."""
     found = find(model)
@@ -215,11 +251,11 @@ def install_relation(model: nn.Module, subject_path: str, relation_path: str, su
         unload(model)
     watch, current = get_module(model, subject_path), get_module(model, relation_path)
     if isinstance(watch, SubjectWatch) and isinstance(current, RelationGatedProjection):
-        watch.set_memory(subject_keys, thresholds)
+        watch.set_subjects(subjects)
         current.set_memory(relation_map, relation_keys, residuals, rho)
         return current
     state = RelationState()
-    _replace(model, subject_path, SubjectWatch(watch, subject_keys, thresholds, state))
+    _replace(model, subject_path, SubjectWatch(watch, subjects, state))
     g = RelationGatedProjection(current, relation_map, relation_keys, residuals, rho, state)
     _replace(model, relation_path, g)
     return g
@@ -230,10 +266,9 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(get_module(model, parent_path), name, module)
 
 
-def install(model: nn.Module, path: str, keys: torch.Tensor, residuals: torch.Tensor,
-            thresholds: torch.Tensor | float, windows: torch.Tensor | None = None) -> GatedProjection:
+def install(model: nn.Module, path: str, subjects: StoredSubjects, residuals: torch.Tensor) -> GatedProjection:
     """Wrap the module at ``path`` (or update the wrapper already there) and return the gate;
-    ``thresholds``: θ per fact ``[m]``, or γ for every fact; ``windows``: see :class:`GatedProjection`."""
+    ``subjects.thresholds``: θ per fact ``[m]``, or γ for every fact."""
     found = find(model)
     if found is not None and not isinstance(found[1], GatedProjection):
         unload(model)
@@ -241,9 +276,9 @@ def install(model: nn.Module, path: str, keys: torch.Tensor, residuals: torch.Te
     parent = get_module(model, parent_path)
     current = getattr(parent, name)
     if isinstance(current, GatedProjection):
-        current.set_memory(keys, residuals, thresholds, windows)
+        current.set_memory(subjects, residuals)
         return current
-    gate = GatedProjection(current, keys, residuals, thresholds, windows)
+    gate = GatedProjection(current, subjects, residuals)
     setattr(parent, name, gate)
     return gate
 

@@ -34,7 +34,7 @@ from neuraldb.targets import TargetConfig, TargetHparams, Targets, optimize
 from neuraldb.templates import context_templates
 
 GATES = ("cosine", "radius", "relation")
-KEYS = ("last", "pooled")
+KEYS = ("last", "pooled", "dual")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class NeuralDBHparams(TargetHparams):
     the subject's last) or ``"pooled"`` (with the cosine gate: the key pools the unit keys of all the
     subject's tokens, at most ``pool_max`` (0: all), so names sharing only a last word differ:
     :func:`neuraldb.keys.pooled_keys`,
-    :func:`neuraldb.gate.window_cosines`); ``batch_size``: the number of facts optimised
+    :func:`neuraldb.gate.window_cosines`) or ``"dual"`` (with the cosine or relation gate: both must
+    match, the last token's key above γ and the pool of the subject's tokens above ``pool_gamma``:
+    :func:`neuraldb.gate.subject_cosines`); ``batch_size``: the number of facts optimised
     together; the residual optimisation and context templates:
     :class:`neuraldb.targets.TargetHparams`.
     """
@@ -63,6 +65,7 @@ class NeuralDBHparams(TargetHparams):
     gate: str = "cosine"
     key: str = "last"
     pool_max: int = 0
+    pool_gamma: float = 0.45
     radius_margin: float = 0.02
     radius_cap: float = 0.9
     relation_layer: int = 22  # the model presets set it (3/4 of the depth otherwise)
@@ -83,6 +86,10 @@ class NeuralDBHparams(TargetHparams):
             raise ValueError(f"pool_max must be 0 (the whole subject) or more, got {self.pool_max}")
         if self.key == "pooled" and self.gate != "cosine":
             raise ValueError(f"key=pooled works with gate=cosine, not gate={self.gate}")
+        if self.key == "dual" and self.gate == "radius":
+            raise ValueError("key=dual works with gate=cosine or gate=relation, not gate=radius")
+        if not -1.0 <= self.pool_gamma < 1.0:
+            raise ValueError(f"pool_gamma must be in [-1, 1), got {self.pool_gamma}")
         if self.gate == "radius" and not self.gamma <= self.radius_cap < 1.0:
             raise ValueError(f"radius_cap must be in [gamma, 1) = [{self.gamma}, 1), got {self.radius_cap}")
         if self.gate == "relation":
@@ -151,13 +158,15 @@ PRESETS: dict[str, dict[str, float | int]] = {
 @dataclass
 class GateKeys:
     """What decides where facts fire: unit subject keys ``[F, d_ff]``, their thresholds θ ``[F]``
-    (γ, or the radius), with the relation gate unit relation keys ``[F, r]``, and with pooled keys
-    each key's window ``[F]`` (tokens pooled)."""
+    (γ, or the radius), with the relation gate unit relation keys ``[F, r]``, with pooled or dual
+    keys each pool's window ``[F]`` (tokens pooled), and with dual keys the pooled unit keys
+    ``[F, d_ff]`` (``keys`` are then the last token's)."""
 
     keys: torch.Tensor
     theta: torch.Tensor
     relation: torch.Tensor | None
     windows: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
 
 
 @register("neuraldb")
@@ -170,7 +179,8 @@ class NeuralDBEditor(Editor):
         h = self.hparams
         self.store = store or FactStore(
             lm.name, lm.fingerprint, lm.arch.model_type, h.layer, h.gamma, lm.arch.d_ff, lm.arch.d_model,
-            hparams=h.to_dict(), windows=torch.zeros(0, dtype=torch.long) if h.key == "pooled" else None)
+            hparams=h.to_dict(), windows=torch.zeros(0, dtype=torch.long) if h.key != "last" else None,
+            pooled_keys=torch.zeros(0, lm.arch.d_ff) if h.key == "dual" else None)
         self.last_targets: Targets | None = None
 
     @classmethod
@@ -201,16 +211,17 @@ class NeuralDBEditor(Editor):
             self.prepare()
         with self.disabled():
             targets = optimize(self.lm, requests, templates, h.target_config(), h.batch_size, progress)
-            windows = None
+            pooled, windows = (None, None) if h.key == "last" else pooled_keys(
+                self.lm, requests, templates, h.layer, most=h.pool_max)
             if h.gate == "relation":
                 keys = subject_keys(self.lm, requests, templates, [h.layer], skip_first=True).keys[h.layer]
                 rel = self.store.relation.project(targets.keys)  # type: ignore[union-attr]
-            elif h.key == "pooled":
-                (keys, windows), rel = pooled_keys(self.lm, requests, templates, h.layer, most=h.pool_max), None
             else:
                 keys, rel = targets.keys, None
+            if h.key == "pooled":
+                keys, pooled = pooled, None  # type: ignore[assignment]
         self.store.add(requests, keys, targets.delta, replace=replace, radii=self.radii(requests, keys),
-                       relation_keys=rel, windows=windows)
+                       relation_keys=rel, windows=windows, pooled_keys=pooled)
         self.last_targets = targets
         self.install()
 
@@ -233,10 +244,11 @@ class NeuralDBEditor(Editor):
         analyses (``neuraldb explain``, the gate sweeps)."""
         h, templates = self.hparams, self.templates()
         self.prepare()
+        with self.disabled():
+            pooled, windows = (None, None) if h.key == "last" else pooled_keys(
+                self.lm, requests, templates, h.layer, most=h.pool_max)
         if h.key == "pooled":
-            with self.disabled():
-                keys, windows = pooled_keys(self.lm, requests, templates, h.layer, most=h.pool_max)
-            return GateKeys(keys, torch.full((len(requests),), h.gamma), None, windows)
+            return GateKeys(pooled, torch.full((len(requests),), h.gamma), None, windows)  # type: ignore[arg-type]
         with self.disabled():
             keys = subject_keys(self.lm, requests, templates, [h.layer],
                                 skip_first=h.target_config().skip_first_token_keys).keys[h.layer]
@@ -247,7 +259,13 @@ class NeuralDBEditor(Editor):
                 rel = self.store.relation.project(last)  # type: ignore[union-attr]
         radii = self.radii(requests, keys)
         theta = torch.full((len(requests),), h.gamma) if radii is None else torch.clamp(radii, min=h.gamma)
-        return GateKeys(torch.nn.functional.normalize(keys.float(), dim=1), theta, rel)
+        return GateKeys(torch.nn.functional.normalize(keys.float(), dim=1), theta, rel, windows, pooled)
+
+    def subjects(self, keys: torch.Tensor, theta: torch.Tensor | float, windows: torch.Tensor | None,
+                 pooled: torch.Tensor | None) -> gate.StoredSubjects:
+        """The gate's subject side for these keys under this editor's hparams."""
+        shift = self.hparams.gamma - self.hparams.pool_gamma if pooled is not None else 0.0
+        return gate.StoredSubjects(keys, theta, windows, pooled, shift)
 
     def trace_gate(self, k: GateKeys) -> tuple[gate.Gate, int, torch.Tensor]:
         """Install a gate holding ``k`` with zero residuals (the model's output stays the base
@@ -257,9 +275,11 @@ class NeuralDBEditor(Editor):
         h, lm, m = self.hparams, self.lm, k.keys.shape[0]
         zeros = torch.zeros(m, lm.arch.d_model)
         if k.relation is None:
-            return gate.install(lm.model, self.path, k.keys, zeros, -1.0, k.windows), h.layer, k.theta
-        g = gate.install_relation(lm.model, self.path, lm.arch.w_out_path(h.relation_layer), k.keys, k.theta,
-                                  self.store.relation, k.relation, zeros, -2.0)
+            return gate.install(lm.model, self.path, self.subjects(k.keys, -1.0, k.windows, k.pooled), zeros), \
+                h.layer, k.theta
+        g = gate.install_relation(lm.model, self.path, lm.arch.w_out_path(h.relation_layer),
+                                  self.subjects(k.keys, k.theta, k.windows, k.pooled), self.store.relation,
+                                  k.relation, zeros, -2.0)
         return g, h.relation_layer, torch.full((m,), h.relation_gamma)
 
     def radii(self, requests: list[EditRequest], keys: torch.Tensor) -> torch.Tensor | None:
@@ -277,11 +297,11 @@ class NeuralDBEditor(Editor):
 
     def install(self) -> gate.Gate:
         h, s = self.hparams, self.store
+        subjects = self.subjects(s.keys, s.thresholds(), s.windows, s.pooled_keys)
         if h.gate == "relation" and s.relation is not None:
             return gate.install_relation(self.lm.model, self.path, self.lm.arch.w_out_path(h.relation_layer),
-                                         s.keys, s.thresholds(), s.relation, s.relation_keys, s.residuals,
-                                         h.relation_gamma)
-        return gate.install(self.lm.model, self.path, s.keys, s.residuals, s.thresholds(), s.windows)
+                                         subjects, s.relation, s.relation_keys, s.residuals, h.relation_gamma)
+        return gate.install(self.lm.model, self.path, subjects, s.residuals)
 
     def restore(self) -> None:
         gate.unload(self.lm.model)
@@ -329,8 +349,9 @@ class NeuralDBEditor(Editor):
                 store.relation is not None and store.relation.layer != hparams.relation_layer):
             raise StoreError(f"{path} is corrupt: its gate ({hparams.gate}, relation layer "
                              f"{hparams.relation_layer}) does not match its relation map")
-        if (hparams.key == "pooled") != (store.windows is not None):
-            raise StoreError(f"{path} is corrupt: its keys ({hparams.key}) do not match its windows")
+        if (hparams.key != "last") != (store.windows is not None) or (
+                (hparams.key == "dual") != (store.pooled_keys is not None)):
+            raise StoreError(f"{path} is corrupt: its keys ({hparams.key}) do not match its windows and pooled keys")
         editor = cls(lm, hparams, store)
         editor.install()
         return editor

@@ -7,7 +7,9 @@ a store without radii keeps format 1 and no radii tensor; with the relation gate
 ``relation_keys`` ``[m, r]`` unit-norm and the :class:`neuraldb.relation.RelationMap` tensors, and the
 residuals then sit at the relation layer; with pooled subject keys (``key="pooled"``), format 4 adds
 ``windows`` ``[m]`` int64, the number of tokens each key pools, see
-:func:`neuraldb.gate.window_cosines`) and ``store.json`` (format version, edit layer, γ,
+:func:`neuraldb.gate.window_cosines`; with both keys (``key="dual"``), format 5 holds ``keys`` of the
+subject's last token, ``pooled_keys`` ``[m, d_ff]`` unit-norm and ``windows``, and the relation
+gate's tensors when it has a relation map) and ``store.json`` (format version, edit layer, γ,
 hyperparameters, context templates, model name and fingerprint, the fact records in column order,
 and the sha256 of the tensor file). Same contents → same bytes.
 """
@@ -28,7 +30,8 @@ FORMAT = "neuraldb-store/2"
 FORMAT_NO_RADII = "neuraldb-store/1"  # no radii tensor: every fact fires above γ
 FORMAT_RELATION = "neuraldb-store/3"  # relation keys and the relation map (gate="relation")
 FORMAT_POOLED = "neuraldb-store/4"  # pooled subject keys: each fact's window (key="pooled")
-READS = (FORMAT_POOLED, FORMAT_RELATION, FORMAT, FORMAT_NO_RADII)
+FORMAT_DUAL = "neuraldb-store/5"  # last-token and pooled keys, any gate (key="dual")
+READS = (FORMAT_DUAL, FORMAT_POOLED, FORMAT_RELATION, FORMAT, FORMAT_NO_RADII)
 NO_RADIUS = -1.0
 
 
@@ -44,7 +47,8 @@ class FactStore:
         keys: ``[m, d_ff]`` unit-norm keys; residuals: ``[m, d_model]``; radii: ``[m]``; facts: m
         records. A fact fires where it is the best match and its cosine exceeds
         :meth:`thresholds` (γ, or the fact's radius when that is higher). ``windows``: ``[m]``
-        int64 in a store of pooled keys (each key's token count), None in the others.
+        int64 in a store of pooled or dual keys (each pool's token count), None in the others;
+        ``pooled_keys``: ``[m, d_ff]`` unit-norm in a store of dual keys, None in the others.
     """
 
     model_name: str
@@ -63,6 +67,7 @@ class FactStore:
     relation: RelationMap | None = None
     relation_keys: torch.Tensor = None  # type: ignore[assignment]
     windows: torch.Tensor | None = None
+    pooled_keys: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.relation_keys is None:
@@ -94,15 +99,21 @@ class FactStore:
 
     def add(self, facts: list[EditRequest], keys: torch.Tensor, residuals: torch.Tensor, replace: bool = False,
             radii: torch.Tensor | None = None, relation_keys: torch.Tensor | None = None,
-            windows: torch.Tensor | None = None) -> None:
+            windows: torch.Tensor | None = None, pooled_keys: torch.Tensor | None = None) -> None:
         """Append facts (keys are normalised here; ``radii`` ``[F]``, None: no radius;
         ``relation_keys`` ``[F, r]``, required when the store has a relation map; ``windows`` ``[F]``,
-        required in a store of pooled keys and refused in the others); an existing id is replaced
-        only with ``replace``."""
+        required in a store of pooled or dual keys and refused in the others; ``pooled_keys``
+        ``[F, d_ff]``, required in a store of dual keys and refused in the others); an existing id is
+        replaced only with ``replace``."""
         if (windows is None) != (self.windows is None):
             raise StoreError("a store of pooled keys needs every fact's window, and only such a store takes them")
         if windows is not None and (windows.shape != (len(facts),) or bool((windows < 1).any())):
             raise StoreError(f"shape mismatch: {len(facts)} facts, windows {tuple(windows.shape)} (each at least 1)")
+        if (pooled_keys is None) != (self.pooled_keys is None):
+            raise StoreError("a store of dual keys needs every fact's pooled key, and only such a store takes them")
+        if pooled_keys is not None and pooled_keys.shape != (len(facts), self.d_ff):
+            raise StoreError(f"shape mismatch: {len(facts)} facts, pooled keys {tuple(pooled_keys.shape)}, "
+                             f"store d_ff={self.d_ff}")
         if radii is None:
             radii = torch.full((len(facts),), NO_RADIUS)
         rank = 0 if self.relation is None else self.relation.rank
@@ -130,6 +141,9 @@ class FactStore:
                                         torch.nn.functional.normalize(relation_keys.float(), dim=1)])
         if self.windows is not None:  # then ``windows`` is given (checked above)
             self.windows = torch.cat([self.windows, windows.long()])  # type: ignore[list-item]
+        if self.pooled_keys is not None:  # then ``pooled_keys`` is given (checked above)
+            self.pooled_keys = torch.cat([self.pooled_keys,
+                                          torch.nn.functional.normalize(pooled_keys.float(), dim=1)])  # type: ignore[union-attr]
 
     def remove(self, fact_ids: list[str]) -> None:
         drop = {self.index(i) for i in fact_ids}
@@ -141,6 +155,8 @@ class FactStore:
         self.relation_keys = self.relation_keys[keep]
         if self.windows is not None:
             self.windows = self.windows[keep]
+        if self.pooled_keys is not None:
+            self.pooled_keys = self.pooled_keys[keep]
 
     def check_model(self, fingerprint: str, d_ff: int, d_model: int) -> None:
         if (d_ff, d_model) != (self.d_ff, self.d_model):
@@ -157,6 +173,8 @@ class FactStore:
         return bool((self.radii != NO_RADIUS).any())
 
     def format(self) -> str:
+        if self.pooled_keys is not None:
+            return FORMAT_DUAL
         if self.relation is not None:
             return FORMAT_RELATION
         if self.windows is not None:
@@ -181,6 +199,8 @@ class FactStore:
                 tensors["radii"] = self.radii
             if self.windows is not None:
                 tensors["windows"] = self.windows
+            if self.pooled_keys is not None:
+                tensors["pooled_keys"] = self.pooled_keys
             if self.relation is not None:
                 tensors |= {"relation_keys": self.relation_keys} | self.relation.tensors()
             write_artifact(path, "store.json", self.meta(), tensors)
@@ -193,9 +213,10 @@ class FactStore:
             meta, t = read_artifact(path, "store.json", READS)
         except ArtifactError as e:
             raise StoreError(str(e)) from None
-        if meta["format"] in (FORMAT, FORMAT_RELATION, FORMAT_POOLED) and "radii" not in t:
+        if meta["format"] in (FORMAT, FORMAT_RELATION, FORMAT_POOLED, FORMAT_DUAL) and "radii" not in t:
             raise StoreError(f"{path} is corrupt: a {meta['format']} store without its radii tensor")
         windows = _windows(path, meta, t)
+        pooled = _pooled_keys(path, meta, t)
         relation = _relation(path, meta, t)
         radii = t.get("radii")
         if radii is not None and not bool(torch.isfinite(radii.float()).all()):
@@ -205,34 +226,47 @@ class FactStore:
                     m["d_model"], meta["hparams"], meta["templates"],
                     [EditRequest.from_dict(f) for f in meta["facts"]], t["keys"], t["residuals"],
                     None if radii is None else radii.float(), relation,
-                    None if relation is None else t["relation_keys"].float(), windows)
+                    None if relation is None else t["relation_keys"].float(), windows, pooled)
         if (store.keys.shape != (len(store), store.d_ff) or store.residuals.shape != (len(store), store.d_model)
                 or store.radii.shape != (len(store),)
                 or store.relation_keys.shape != (len(store), 0 if relation is None else relation.rank)
-                or (windows is not None and windows.shape != (len(store),))):
+                or (windows is not None and windows.shape != (len(store),))
+                or (pooled is not None and pooled.shape != store.keys.shape)):
             raise StoreError(f"{path} is corrupt: tensor shapes do not match its {len(store)} facts")
         return store
 
 
 def _windows(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The windows of a format-4 store (None for the others), checked."""
-    if meta["format"] != FORMAT_POOLED:
+    """The windows of a format-4 or -5 store (None for the others), checked."""
+    if meta["format"] not in (FORMAT_POOLED, FORMAT_DUAL):
         return None
     if "windows" not in t:
-        raise StoreError(f"{path} is corrupt: a {FORMAT_POOLED} store without its windows tensor")
+        raise StoreError(f"{path} is corrupt: a {meta['format']} store without its windows tensor")
     w = t["windows"]
     if w.dtype != torch.int64 or w.dim() != 1 or bool((w < 1).any()):
         raise StoreError(f"{path} is corrupt: windows must be token counts of at least 1")
     return w
 
 
+def _pooled_keys(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The pooled keys of a format-5 store (None for the others), checked."""
+    if meta["format"] != FORMAT_DUAL:
+        return None
+    if "pooled_keys" not in t:
+        raise StoreError(f"{path} is corrupt: a {FORMAT_DUAL} store without its pooled_keys tensor")
+    if not bool(torch.isfinite(t["pooled_keys"].float()).all()):
+        raise StoreError(f"{path} is corrupt: pooled keys that are not finite numbers")
+    return t["pooled_keys"].float()
+
+
 def _relation(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> RelationMap | None:
-    """The relation map of a format-3 store (None for the others), checked."""
-    if meta["format"] != FORMAT_RELATION:
+    """The relation map of a format-3 store, or of a format-5 store with a relation layer (None for
+    the others), checked."""
+    if meta["format"] != FORMAT_RELATION and not (meta["format"] == FORMAT_DUAL and "relation_layer" in meta):
         return None
     need = ("relation_keys", "relation_mean", "relation_scale", "relation_weight")
     if missing := [n for n in need if n not in t]:
-        raise StoreError(f"{path} is corrupt: a {FORMAT_RELATION} store without its {missing[0]} tensor")
+        raise StoreError(f"{path} is corrupt: a {meta['format']} store without its {missing[0]} tensor")
     if not isinstance(meta.get("relation_layer"), int):
         raise StoreError(f"{path} is corrupt: a {FORMAT_RELATION} store without its relation layer")
     relation = RelationMap.from_tensors(meta["relation_layer"], t)

@@ -42,7 +42,7 @@ def test_gate_adds_residual_exactly_where_cosine_exceeds_gamma(tiny):
     fires = best > gamma
     assert fires[3] and fires[6] and not fires.all()
 
-    g = gate.install(tiny.model, path, stored, residuals, gamma)
+    g = gate.install(tiny.model, path, gate.StoredSubjects(stored, gamma), residuals)
     g.trace = []
     with torch.no_grad(), capture(tiny.model, outputs={"v": path}) as gated:
         tiny.model(ids)
@@ -67,7 +67,7 @@ def test_gate_with_nothing_firing_is_bit_exact(tiny):
     with torch.no_grad():
         base = tiny.model(ids).logits
     unrelated = torch.nn.functional.normalize(torch.randn(5, tiny.arch.d_ff), dim=-1)
-    gate.install(tiny.model, path, unrelated, torch.randn(5, tiny.arch.d_model), 0.99)
+    gate.install(tiny.model, path, gate.StoredSubjects(unrelated, 0.99), torch.randn(5, tiny.arch.d_model))
     with torch.no_grad():
         assert torch.equal(tiny.model(ids).logits, base)
 

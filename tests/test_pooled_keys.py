@@ -44,7 +44,8 @@ def test_a_pooled_key_is_what_the_gate_reads_at_the_subjects_last_token():
     keys, windows = pooled_keys(lm, [A, B], ["{}"], 1)  # the bare prompt alone: the gate reads the same pool
     assert windows.tolist() == [encode_with_subject(lm.tokenizer, r.template, r.subject).subject_tokens
                                 for r in (A, B)]
-    g = gate.install(lm.model, lm.arch.w_out_path(1), keys, torch.zeros(2, lm.arch.d_model), -1.0, windows)
+    g = gate.install(lm.model, lm.arch.w_out_path(1), gate.StoredSubjects(keys, -1.0, windows),
+                     torch.zeros(2, lm.arch.d_model))
     try:
         for j, r in enumerate((A, B)):
             e = encode_with_subject(lm.tokenizer, r.template, r.subject)
@@ -100,3 +101,51 @@ def test_a_pooled_store_round_trips_and_refuses_bad_windows(tmp_path):
     with pytest.raises(ValueError, match="pool_max"):
         HP.replace(key="pooled", pool_max=-1).validate(lm)
     assert pooled_keys(lm, [A_IN, B_IN], ["{}"], 1, most=1)[1].tolist() == [1, 1], "pool_max caps the window"
+
+
+def test_dual_scores_are_the_smaller_of_the_token_key_and_the_shifted_pool():
+    torch.manual_seed(1)
+    x = torch.randn(2, 6, 32)
+    keys = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
+    pooled = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
+    groups = gate.window_groups(torch.tensor([2, 1, 3]))
+    got = gate.subject_cosines(x, keys, groups, pooled, 0.2)
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    want = torch.minimum(unit @ keys.T, gate.window_cosines(x, pooled, groups) + 0.2)
+    assert torch.equal(got, want)
+    assert (got[:, :2, 2] < -1).all(), "a pool that does not fit never fires, whatever the token key"
+    assert torch.equal(gate.subject_cosines(x[0], keys), torch.nn.functional.normalize(x[0], dim=-1) @ keys.T)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dual_keys_fire_for_their_own_subject_and_the_base_comes_back(arch, tmp_path):
+    lm = tiny_model(arch)
+    base, base_a = logits(lm, STRANGER), logits(lm, A_IN.prompt)
+    ed = NeuralDBEditor(lm, HP.replace(key="dual", pool_gamma=0.9))
+    ed.edit([A_IN, B_IN])
+    s = ed.store
+    assert s.pooled_keys is not None and s.windows is not None and (s.windows > 1).all()
+    assert fired(ed, A_IN.prompt) == [0] and fired(ed, B_IN.prompt) == [1]
+    assert fired(ed, STRANGER) == [], "Toko Jordan shares only ' Jordan': its pool does not match"
+    assert torch.equal(logits(lm, STRANGER), base), "nothing fires: the base output bit for bit"
+    edited = logits(lm, A_IN.prompt)
+    assert not torch.equal(edited, base_a), "the own fact fired"
+    ed.save(tmp_path / "s")
+    assert FactStore.load(tmp_path / "s").meta()["format"] == "neuraldb-store/5"
+    again = NeuralDBEditor.load(lm, tmp_path / "s")
+    assert torch.equal(logits(lm, A_IN.prompt), edited) and again.hparams.key == "dual"
+    again.save(tmp_path / "t")
+    tensors = "tensors.safetensors"
+    assert (tmp_path / "s" / tensors).read_bytes() == (tmp_path / "t" / tensors).read_bytes()
+    again.remove(["a", "b"])
+    assert torch.equal(logits(lm, A_IN.prompt), base_a), "every fact removed: the base logits bit for bit"
+    again.restore()
+    store = FactStore.load(tmp_path / "s")
+    fact = [EditRequest("c", "{} is", "Rome", " x")]
+    key, res = torch.ones(1, lm.arch.d_ff), torch.zeros(1, lm.arch.d_model)
+    with pytest.raises(StoreError, match="pooled key"):
+        store.add(fact, key, res, windows=torch.tensor([1]))
+    with pytest.raises(ValueError, match="key=dual works with gate=cosine or gate=relation"):
+        HP.replace(key="dual", gate="radius").validate(lm)
+    with pytest.raises(ValueError, match="pool_gamma"):
+        HP.replace(key="dual", pool_gamma=1.0).validate(lm)

@@ -50,7 +50,7 @@ def test_fires_only_after_its_subject_and_on_its_question(arch):
     unit = torch.nn.functional.normalize
     # the fact: subject = token 2 of `own`, question = `own`'s last token, as the editor stores them
     g = gate.install_relation(lm.model, lm.arch.w_out_path(SUBJECT_LAYER), lm.arch.w_out_path(RELATION_LAYER),
-                              unit(subj_keys[[2]], dim=-1), 0.999, _identity_map(lm.arch.d_ff),
+                              gate.StoredSubjects(unit(subj_keys[[2]], dim=-1), 0.999), _identity_map(lm.arch.d_ff),
                               unit(rel_keys[[n - 1]], dim=-1), torch.randn(1, lm.arch.d_model), 0.999)
     g.trace = []
     with torch.no_grad():
@@ -76,7 +76,8 @@ def test_subject_seen_but_other_question_does_not_fire():
     with torch.no_grad():
         base = lm.model(_ids(lm, other_question)).logits
     g = gate.install_relation(lm.model, lm.arch.w_out_path(SUBJECT_LAYER), lm.arch.w_out_path(RELATION_LAYER),
-                              unit(subj[[2]], dim=-1), 0.999, _identity_map(lm.arch.d_ff), unit(rel[[-1]], dim=-1),
+                              gate.StoredSubjects(unit(subj[[2]], dim=-1), 0.999), _identity_map(lm.arch.d_ff),
+                              unit(rel[[-1]], dim=-1),
                               torch.randn(1, lm.arch.d_model), 0.999)
     g.trace = []
     with torch.no_grad():
@@ -91,8 +92,8 @@ HP = NeuralDBHparams(layer=SUBJECT_LAYER, gamma=0.9, gate="relation", relation_l
                      clamp_norm_factor=1e4, n_templates=0)
 
 
-def _editor(lm) -> NeuralDBEditor:
-    ed = NeuralDBEditor(lm, HP)
+def _editor(lm, hp: NeuralDBHparams = HP) -> NeuralDBEditor:
+    ed = NeuralDBEditor(lm, hp)
     d = lm.arch.d_ff
     ed.store.relation = RelationMap(RELATION_LAYER, torch.zeros(d), torch.ones(d),
                                     torch.randn(d, 16, generator=torch.Generator().manual_seed(0)))
@@ -243,3 +244,27 @@ def test_store_whose_gate_does_not_match_its_map_is_refused(tmp_path):
     meta_path.write_text(json.dumps(m))
     with pytest.raises(StoreError, match="does not match its relation map"):
         NeuralDBEditor.load(lm, tmp_path / "s")
+
+
+def test_relation_gate_with_dual_keys_round_trips_and_gives_the_base_back(tmp_path):
+    """The subject watch reads both keys (key=dual): the store keeps the relation map and both keys."""
+    lm = tiny_model("llama")
+    prompt = FACT.prompt
+    with torch.no_grad():
+        base = lm.model(_ids(lm, prompt)).logits
+    ed = _editor(lm, HP.replace(key="dual", pool_gamma=0.9))
+    ed.edit([FACT])
+    with torch.no_grad():
+        edited = lm.model(_ids(lm, prompt)).logits
+    assert not torch.equal(edited, base), "the fact fired on its own prompt"
+    ed.save(tmp_path / "s")
+    meta = FactStore.load(tmp_path / "s").meta()
+    assert meta["format"] == "neuraldb-store/5" and meta["relation_layer"] == RELATION_LAYER
+    loaded = NeuralDBEditor.load(lm, tmp_path / "s")
+    assert loaded.store.relation is not None and loaded.store.pooled_keys is not None
+    with torch.no_grad():
+        assert torch.equal(lm.model(_ids(lm, prompt)).logits, edited)
+    loaded.remove(["lennon"])
+    with torch.no_grad():
+        assert torch.equal(lm.model(_ids(lm, prompt)).logits, base), "removing every fact gives the base back"
+    loaded.restore()
