@@ -14,7 +14,9 @@ up to the layer where the gate decides, with the gate traced, and each rule is a
   prompt token, by whose fact (own, mentioned, same_ending, unrelated: :mod:`evals.firing`).
   Choose on training records (``--dataset counterfact-train`` or ``knowedit-cf-train``).
 * with ``--cases FILE`` (a ``compare`` / ``eval`` per-case file with ``pre`` and ``neuraldb`` rows
-  on the same records, run with the editor's defaults for the chosen gate, ``--hparam`` as run):
+  on the same records, run with the editor's defaults for the chosen gate, ``--hparam`` as run, or
+  ``--run-hparam`` as run when the rules are of other hparams, e.g. ``key=dual`` replayed on a run
+  of the default gate):
   each rule's efficacy, generalisation and specificity (and, on KnowEdit, locality by kind),
   *exactly* where the rule's firing on a scored sequence is the run's (the ``neuraldb`` scores) or
   nothing (the unedited scores: the gate returns the base output bit for bit); any other case is
@@ -27,6 +29,8 @@ Usage:  python benchmarks/sweep_gate.py --n 1000 --out benchmarks/results/sweep-
             --out benchmarks/results/sweep-gate-counterfact-1000.json
         python benchmarks/sweep_gate.py --n 1000 --hparam key=pooled --hparam pool_max=3 --margins none \
             --gammas 0.55,0.6,0.65,0.7,0.75,0.8 --out benchmarks/results/sweep-gate-pooled3-train.json
+        python benchmarks/sweep_gate.py --n 1000 --hparam key=dual --pool-gammas 0.4,0.45,0.5,0.55 \\
+            --gammas 0.6,0.65,0.7 --out benchmarks/results/sweep-gate-dual-train.json
         python benchmarks/sweep_gate.py --gate relation --dataset knowedit-cf-train --n 50 \\
             --hparam relation_gamma=0.5 --gammas 0.65 --rhos 0.5,0.55,0.6,0.65,0.7 \\
             --cases benchmarks/results/knowedit-cf-train-50-relation.cases.json \\
@@ -122,6 +126,19 @@ def cosine_rules(editor: NeuralDBEditor, gk: GateKeys, traced: Traced, requests:
     return rules
 
 
+def dual_rules(editor: NeuralDBEditor, gk: GateKeys, kind: str, requests: list[EditRequest],
+               args: argparse.Namespace) -> dict[str, Rule]:
+    """``key=dual``: one trace per pool threshold (it shifts the traced score); per γ, the rule
+    "token key above γ and pool above γ_pool + (γ − the run's γ)"."""
+    h, m, rules = editor.hparams, len(requests), {}
+    for pool_gamma in map(float, (args.pool_gammas or str(h.pool_gamma)).split(",")):
+        ed = NeuralDBEditor(editor.lm, h.replace(pool_gamma=pool_gamma), editor.store)
+        traced, _ = trace(ed, gk, kind, requests)
+        for x in map(float, args.gammas.split(",")):
+            rules[f"dual γ={x} pool>{round(pool_gamma + x - h.gamma, 4)}"] = (traced, torch.full((m,), x))
+    return rules
+
+
 def relation_rules(editor: NeuralDBEditor, gk: GateKeys, kind: str, requests: list[EditRequest],
                    args: argparse.Namespace) -> dict[str, Rule]:
     m, rules = len(requests), {}
@@ -143,8 +160,12 @@ def main() -> None:
     ap.add_argument("--margins", default="0,0.02,0.05", help="radius margins, or none: no radius rules")
     ap.add_argument("--caps", default="0.8,0.85,0.9,0.95")
     ap.add_argument("--rhos", default="0.3,0.4,0.5,0.6,0.7,0.8")
+    ap.add_argument("--pool-gammas", help="with --hparam key=dual: the pool thresholds γ_pool to trace "
+                                          "(default: the hparam's)")
     ap.add_argument("--hparam", action="append", default=[], help="KEY=VALUE of the editor (as in the run)")
     ap.add_argument("--cases", help="per-case file with 'pre' and 'neuraldb' rows on the same records")
+    ap.add_argument("--run-hparam", action="append", help="KEY=VALUE the --cases run was made with, when not "
+                    "the --hparam ones (give gate=cosine for a run with every default)")
     ap.add_argument("--out", default="benchmarks/results/sweep-gate-train.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -158,8 +179,16 @@ def main() -> None:
     gk = editor.gate_keys(requests)
     keys_s = time.perf_counter() - t0
     run = trace(editor, gk, spec.kind, requests)
-    rules = (cosine_rules(editor, gk, run[0], requests, args) if args.gate == "cosine"
-             else relation_rules(editor, gk, spec.kind, requests, args))
+    if args.run_hparam is not None:  # the cases were run with other hparams: trace those for the comparison
+        run_hp = NeuralDBEditor.default_hparams(lm).parse(args.run_hparam)
+        run_ed = NeuralDBEditor(lm, run_hp)
+        run = trace(run_ed, run_ed.gate_keys(requests), spec.kind, requests)
+    if args.gate == "relation":
+        rules = relation_rules(editor, gk, spec.kind, requests, args)
+    elif hp.key == "dual":
+        rules = dual_rules(editor, gk, spec.kind, requests, args)
+    else:
+        rules = cosine_rules(editor, gk, run[0], requests, args)
     prompts = [[p for p, _ in r.locality] for r in requests]
     subjects = [r.subject for r in requests]
     table = {}

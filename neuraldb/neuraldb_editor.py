@@ -28,8 +28,8 @@ from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_meta
 from neuraldb.keys import pooled_keys, subject_keys
 from neuraldb.models import LoadedModel
+from neuraldb.store import NO_RADIUS, FactStore, StoreError
 from neuraldb.store import READS as STORE_FORMATS
-from neuraldb.store import FactStore, StoreError
 from neuraldb.targets import TargetConfig, TargetHparams, Targets, optimize
 from neuraldb.templates import context_templates
 
@@ -55,7 +55,8 @@ class NeuralDBHparams(TargetHparams):
     :func:`neuraldb.keys.pooled_keys`,
     :func:`neuraldb.gate.window_cosines`) or ``"dual"`` (with the cosine or relation gate: both must
     match, the last token's key above γ and the pool of the subject's tokens above ``pool_gamma``:
-    :func:`neuraldb.gate.subject_cosines`); ``batch_size``: the number of facts optimised
+    :func:`neuraldb.gate.subject_cosines`; a one-token subject, which has no pool to check, fires
+    above ``single_gamma`` instead of γ); ``batch_size``: the number of facts optimised
     together; the residual optimisation and context templates:
     :class:`neuraldb.targets.TargetHparams`.
     """
@@ -66,6 +67,7 @@ class NeuralDBHparams(TargetHparams):
     key: str = "last"
     pool_max: int = 0
     pool_gamma: float = 0.45
+    single_gamma: float = 0.75
     radius_margin: float = 0.02
     radius_cap: float = 0.9
     relation_layer: int = 22  # the model presets set it (3/4 of the depth otherwise)
@@ -90,6 +92,8 @@ class NeuralDBHparams(TargetHparams):
             raise ValueError("key=dual works with gate=cosine or gate=relation, not gate=radius")
         if not -1.0 <= self.pool_gamma < 1.0:
             raise ValueError(f"pool_gamma must be in [-1, 1), got {self.pool_gamma}")
+        if not -1.0 <= self.single_gamma < 1.0:
+            raise ValueError(f"single_gamma must be in [-1, 1), got {self.single_gamma}")
         if self.gate == "radius" and not self.gamma <= self.radius_cap < 1.0:
             raise ValueError(f"radius_cap must be in [gamma, 1) = [{self.gamma}, 1), got {self.radius_cap}")
         if self.gate == "relation":
@@ -220,7 +224,7 @@ class NeuralDBEditor(Editor):
                 keys, rel = targets.keys, None
             if h.key == "pooled":
                 keys, pooled = pooled, None  # type: ignore[assignment]
-        self.store.add(requests, keys, targets.delta, replace=replace, radii=self.radii(requests, keys),
+        self.store.add(requests, keys, targets.delta, replace=replace, radii=self.radii(requests, keys, windows),
                        relation_keys=rel, windows=windows, pooled_keys=pooled)
         self.last_targets = targets
         self.install()
@@ -257,7 +261,7 @@ class NeuralDBEditor(Editor):
                 last = subject_keys(self.lm, requests, templates, [h.relation_layer], skip_first=True,
                                     position="last").keys[h.relation_layer]
                 rel = self.store.relation.project(last)  # type: ignore[union-attr]
-        radii = self.radii(requests, keys)
+        radii = self.radii(requests, keys, windows)
         theta = torch.full((len(requests),), h.gamma) if radii is None else torch.clamp(radii, min=h.gamma)
         return GateKeys(torch.nn.functional.normalize(keys.float(), dim=1), theta, rel, windows, pooled)
 
@@ -282,10 +286,15 @@ class NeuralDBEditor(Editor):
                                   k.relation, zeros, -2.0)
         return g, h.relation_layer, torch.full((m,), h.relation_gamma)
 
-    def radii(self, requests: list[EditRequest], keys: torch.Tensor) -> torch.Tensor | None:
-        """``[F]`` look-alike radii of facts with keys ``[F, d_ff]`` with ``gate="radius"``
-        (computed on the base model), else None."""
+    def radii(self, requests: list[EditRequest], keys: torch.Tensor,
+              windows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``[F]`` per-fact thresholds above γ: with ``gate="radius"`` the look-alike radii of facts
+        with keys ``[F, d_ff]`` (computed on the base model); with ``key="dual"`` ``single_gamma``
+        for a fact whose subject is one token (``windows`` ``[F]`` = 1: no pool to check), none
+        (−1) for the others; else None."""
         h = self.hparams
+        if h.key == "dual" and windows is not None:
+            return torch.where(windows == 1, torch.tensor(h.single_gamma), torch.tensor(NO_RADIUS))
         if h.gate != "radius":
             return None
         with self.disabled():

@@ -149,3 +149,14 @@ def test_dual_keys_fire_for_their_own_subject_and_the_base_comes_back(arch, tmp_
         HP.replace(key="dual", gate="radius").validate(lm)
     with pytest.raises(ValueError, match="pool_gamma"):
         HP.replace(key="dual", pool_gamma=1.0).validate(lm)
+
+
+def test_dual_keys_raise_a_one_token_subjects_threshold_to_single_gamma():
+    lm = tiny_model("llama")
+    one = EditRequest("one", "The old {} plays the sport of", "man", " chess", " golf")
+    ed = NeuralDBEditor(lm, HP.replace(key="dual", pool_gamma=0.9, single_gamma=0.8))
+    ed.edit([A_IN, one])
+    assert ed.store.windows.tolist()[1] == 1
+    assert ed.store.thresholds().tolist() == pytest.approx([HP.gamma, 0.8])
+    assert torch.equal(ed.gate_keys([A_IN, one]).theta, ed.store.thresholds())
+    ed.restore()
