@@ -50,7 +50,7 @@ from rich.table import Table
 
 from evals import datasets, knowedit
 from evals.firing import Group, fired, rates, scored_rows, trace_groups
-from evals.metrics import CaseScores, counterfact_metrics
+from evals.metrics import CaseScores, ZsreCase, counterfact_metrics, zsre_metrics
 from neuraldb import models, radius
 from neuraldb.facts import EditRequest
 from neuraldb.files import write_json
@@ -90,11 +90,14 @@ def scores_under(rule: Rule, run: Rule, cases: dict, requests: list[EditRequest]
         rw = sim("rewrite", i, [c0["rewrite"]], [c1["rewrite"]])[0]
         para = sim("paraphrase", i, c0["paraphrase"], c1["paraphrase"])
         neigh = sim("neighborhood", i, c0["neighborhood"], c1["neighborhood"])
-        out.append(CaseScores(tuple(rw), tuple(map(tuple, para)), tuple(map(tuple, neigh))))
+        if isinstance(rw, (int, float)):  # ZsRE: token accuracies
+            out.append(ZsreCase(float(rw), tuple(para), tuple(neigh)))
+        else:
+            out.append(CaseScores(tuple(rw), tuple(map(tuple, para)), tuple(map(tuple, neigh))))
         if "locality_tokens" in c1:  # KnowEdit: the locality answers' tokens follow the same firing
             loc = sim("neighborhood", i, c0["locality_tokens"], c1["locality_tokens"])
             simulated.append(c1 | {"locality_tokens": loc})
-    m = counterfact_metrics(out)
+    m = zsre_metrics(out) if out and isinstance(out[0], ZsreCase) else counterfact_metrics(out)  # type: ignore[arg-type]
     got = {k: m[k] for k in ("efficacy", "generalization", "specificity")}
     if simulated:
         ke = knowedit.metrics(simulated, cases["pre"])
@@ -129,13 +132,16 @@ def cosine_rules(editor: NeuralDBEditor, gk: GateKeys, traced: Traced, requests:
 def dual_rules(editor: NeuralDBEditor, gk: GateKeys, kind: str, requests: list[EditRequest],
                args: argparse.Namespace) -> dict[str, Rule]:
     """``key=dual``: one trace per pool threshold (it shifts the traced score); per γ, the rule
-    "token key above γ and pool above γ_pool + (γ − the run's γ)"."""
-    h, m, rules = editor.hparams, len(requests), {}
+    "token key above γ and pool above γ_pool + (γ − the run's γ)"; a one-token subject's threshold
+    (``single_gamma``, when above γ) stays as it is."""
+    h, rules = editor.hparams, {}
+    raised = gk.theta > h.gamma
     for pool_gamma in map(float, (args.pool_gammas or str(h.pool_gamma)).split(",")):
         ed = NeuralDBEditor(editor.lm, h.replace(pool_gamma=pool_gamma), editor.store)
         traced, _ = trace(ed, gk, kind, requests)
         for x in map(float, args.gammas.split(",")):
-            rules[f"dual γ={x} pool>{round(pool_gamma + x - h.gamma, 4)}"] = (traced, torch.full((m,), x))
+            theta = torch.where(raised, torch.clamp(gk.theta, min=x), torch.tensor(x))
+            rules[f"dual γ={x} pool>{round(pool_gamma + x - h.gamma, 4)}"] = (traced, theta)
     return rules
 
 

@@ -64,7 +64,7 @@ class NeuralDBHparams(TargetHparams):
     layer: int
     gamma: float = 0.65
     gate: str = "cosine"
-    key: str = "last"
+    key: str = "dual"  # chosen on training records: benchmarks/results/sweep-gate-dual-train.json (README)
     pool_max: int = 0
     pool_gamma: float = 0.45
     single_gamma: float = 0.75
@@ -115,8 +115,10 @@ class NeuralDBHparams(TargetHparams):
     @classmethod
     def from_saved(cls, saved: dict) -> NeuralDBHparams:
         """The hparams a store or result recorded (fields this version does not know are ignored;
-        a relation-gate record older than ``relation_inner`` had a map without inner negatives)."""
+        a relation-gate record older than ``relation_inner`` had a map without inner negatives, and a
+        record older than ``key`` used the last token's key)."""
         known = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__}
+        known.setdefault("key", "last")  # recorded before keys had a choice: the last token's
         if known.get("gate") == "relation":
             known.setdefault("relation_inner", 0)
         return cls(**known)
@@ -148,8 +150,9 @@ class NeuralDBHparams(TargetHparams):
 # `python benchmarks/sweep_relation_targets.py` on KnowEdit-cf training records (README). Batches of
 # 8 facts: 145 s instead of 228 s for 16 facts with the same mean NLL in a one-off run (long KnowEdit
 # rows pad a batch to its longest); the benchmark's batch_size=8 config repeats it.
-GATE_DEFAULTS: dict[str, dict[str, float | int]] = {
-    "relation": {"steps": 50, "lr": 1.0, "clamp_norm_factor": 10.0, "batch_size": 8},
+GATE_DEFAULTS: dict[str, dict[str, float | int | str]] = {
+    "radius": {"key": "last"},  # look-alike radii are of last-token keys
+    "relation": {"steps": 50, "lr": 1.0, "clamp_norm_factor": 10.0, "batch_size": 8, "key": "last"},
 }
 
 # Chosen by `python benchmarks/sweep_neuraldb.py` on CounterFact training records (README).

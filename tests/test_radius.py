@@ -19,7 +19,7 @@ from .conftest import tiny_model
 A = EditRequest("a", "{} plays the sport of", "Michael Jordan", " guitar", " basketball")
 B = EditRequest("b", "{} plays the sport of", "Rome Jordan", " French", " basketball")
 STRANGER = "Toko Jordan plays the sport of"
-HP = NeuralDBHparams(layer=1, gamma=0.5, steps=3, lr=0.5, n_templates=0)
+HP = NeuralDBHparams(layer=1, gamma=0.5, steps=3, lr=0.5, n_templates=0, key="last")
 
 
 def fired(ed: NeuralDBEditor, text: str) -> list[int]:

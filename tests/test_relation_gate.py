@@ -89,7 +89,7 @@ def test_subject_seen_but_other_question_does_not_fire():
 FACT = EditRequest("lennon", "{} performs on the", "John Lennon", " basketball", " guitar")
 HP = NeuralDBHparams(layer=SUBJECT_LAYER, gamma=0.9, gate="relation", relation_layer=RELATION_LAYER,
                      relation_gamma=0.9, relation_rank=16, steps=30, lr=0.5, weight_decay=0.0, kl_factor=0.0,
-                     clamp_norm_factor=1e4, n_templates=0)
+                     clamp_norm_factor=1e4, n_templates=0, key="last")
 
 
 def _editor(lm, hp: NeuralDBHparams = HP) -> NeuralDBEditor:
