@@ -101,13 +101,14 @@ def _editor(lm, hp: NeuralDBHparams = HP) -> NeuralDBEditor:
     return ed
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_editor_edits_removes_and_round_trips(arch, tmp_path):
+@pytest.mark.parametrize(("arch", "key"), [("llama", "last"), ("gpt2", "last"), ("llama", "dual")])
+def test_editor_edits_removes_and_round_trips(arch, key, tmp_path):
+    """With key=dual the subject watch reads both keys and the store (format 5) keeps them beside the map."""
     lm = tiny_model(arch)
     prompt, unrelated = FACT.prompt, "Rome is the capital of"
     with torch.no_grad():
         base, base_unrelated = lm.model(_ids(lm, prompt)).logits, lm.model(_ids(lm, unrelated)).logits
-    ed = _editor(lm)
+    ed = _editor(lm, HP.replace(key=key, pool_gamma=0.9))
     ed.edit([FACT])
     target = lm.tokenizer(FACT.target_new, add_special_tokens=False)["input_ids"][0]
     with torch.no_grad():
@@ -117,7 +118,10 @@ def test_editor_edits_removes_and_round_trips(arch, tmp_path):
     assert gain > 0.01, "the edited target became more likely at the prompt's last token"
     ed.save(tmp_path / "s")
     loaded = NeuralDBEditor.load(lm, tmp_path / "s")
-    assert FactStore.load(tmp_path / "s").meta()["format"] == FORMAT_RELATION
+    meta = FactStore.load(tmp_path / "s").meta()
+    assert meta["format"] == (FORMAT_RELATION if key == "last" else "neuraldb-store/5")
+    assert meta["relation_layer"] == RELATION_LAYER
+    assert loaded.store.relation is not None and (loaded.store.pooled_keys is not None) == (key == "dual")
     with torch.no_grad():
         assert torch.equal(lm.model(_ids(lm, prompt)).logits, edited)
     loaded.remove(["lennon"])
@@ -245,26 +249,3 @@ def test_store_whose_gate_does_not_match_its_map_is_refused(tmp_path):
     with pytest.raises(StoreError, match="does not match its relation map"):
         NeuralDBEditor.load(lm, tmp_path / "s")
 
-
-def test_relation_gate_with_dual_keys_round_trips_and_gives_the_base_back(tmp_path):
-    """The subject watch reads both keys (key=dual): the store keeps the relation map and both keys."""
-    lm = tiny_model("llama")
-    prompt = FACT.prompt
-    with torch.no_grad():
-        base = lm.model(_ids(lm, prompt)).logits
-    ed = _editor(lm, HP.replace(key="dual", pool_gamma=0.9))
-    ed.edit([FACT])
-    with torch.no_grad():
-        edited = lm.model(_ids(lm, prompt)).logits
-    assert not torch.equal(edited, base), "the fact fired on its own prompt"
-    ed.save(tmp_path / "s")
-    meta = FactStore.load(tmp_path / "s").meta()
-    assert meta["format"] == "neuraldb-store/5" and meta["relation_layer"] == RELATION_LAYER
-    loaded = NeuralDBEditor.load(lm, tmp_path / "s")
-    assert loaded.store.relation is not None and loaded.store.pooled_keys is not None
-    with torch.no_grad():
-        assert torch.equal(lm.model(_ids(lm, prompt)).logits, edited)
-    loaded.remove(["lennon"])
-    with torch.no_grad():
-        assert torch.equal(lm.model(_ids(lm, prompt)).logits, base), "removing every fact gives the base back"
-    loaded.restore()
