@@ -31,6 +31,8 @@ Usage:  python benchmarks/sweep_gate.py --n 1000 --out benchmarks/results/sweep-
             --gammas 0.55,0.6,0.65,0.7,0.75,0.8 --out benchmarks/results/sweep-gate-pooled3-train.json
         python benchmarks/sweep_gate.py --n 1000 --hparam key=dual --pool-gammas 0.4,0.45,0.5,0.55 \\
             --gammas 0.6,0.65,0.7 --out benchmarks/results/sweep-gate-dual-train.json
+        python benchmarks/sweep_gate.py --n 1000 --hparam key=tokens --token-gammas 0.3,0.4,0.5,0.6 \
+            --gammas 0.6,0.65,0.7 --out benchmarks/results/sweep-gate-tokens-train.json
         python benchmarks/sweep_gate.py --gate relation --dataset knowedit-cf-train --n 50 \\
             --hparam relation_gamma=0.5 --gammas 0.65 --rhos 0.5,0.55,0.6,0.65,0.7 \\
             --cases benchmarks/results/knowedit-cf-train-50-relation.cases.json \\
@@ -131,17 +133,20 @@ def cosine_rules(editor: NeuralDBEditor, gk: GateKeys, traced: Traced, requests:
 
 def dual_rules(editor: NeuralDBEditor, gk: GateKeys, kind: str, requests: list[EditRequest],
                args: argparse.Namespace) -> dict[str, Rule]:
-    """``key=dual``: one trace per pool threshold (it shifts the traced score); per γ, the rule
-    "token key above γ and pool above γ_pool + (γ − the run's γ)"; a one-token subject's threshold
-    (``single_gamma``, when above γ) stays as it is."""
+    """``key=dual`` (``key=tokens``): one trace per pool (token) threshold (it shifts the traced
+    score); per γ, the rule "last token's key above γ and pool (every earlier subject token) above
+    γ_pool (γ_token) + (γ − the run's γ)"; a one-token subject's threshold (``single_gamma``, when
+    above γ) stays as it is."""
     h, rules = editor.hparams, {}
     raised = gk.theta > h.gamma
-    for pool_gamma in map(float, (args.pool_gammas or str(h.pool_gamma)).split(",")):
-        ed = NeuralDBEditor(editor.lm, h.replace(pool_gamma=pool_gamma), editor.store)
+    field, given, label = (("token_gamma", args.token_gammas, "tokens") if h.key == "tokens"
+                           else ("pool_gamma", args.pool_gammas, "pool"))
+    for second in map(float, (given or str(getattr(h, field))).split(",")):
+        ed = NeuralDBEditor(editor.lm, h.replace(**{field: second}), editor.store)
         traced, _ = trace(ed, gk, kind, requests)
         for x in map(float, args.gammas.split(",")):
             theta = torch.where(raised, torch.clamp(gk.theta, min=x), torch.tensor(x))
-            rules[f"dual γ={x} pool>{round(pool_gamma + x - h.gamma, 4)}"] = (traced, theta)
+            rules[f"{h.key} γ={x} {label}>{round(second + x - h.gamma, 4)}"] = (traced, theta)
     return rules
 
 
@@ -168,6 +173,8 @@ def main() -> None:
     ap.add_argument("--rhos", default="0.3,0.4,0.5,0.6,0.7,0.8")
     ap.add_argument("--pool-gammas", help="with --hparam key=dual: the pool thresholds γ_pool to trace "
                                           "(default: the hparam's)")
+    ap.add_argument("--token-gammas", help="with --hparam key=tokens: the earlier-token thresholds γ_token to "
+                                           "trace (default: the hparam's)")
     ap.add_argument("--hparam", action="append", default=[], help="KEY=VALUE of the editor (as in the run)")
     ap.add_argument("--cases", help="per-case file with 'pre' and 'neuraldb' rows on the same records")
     ap.add_argument("--run-hparam", action="append", help="KEY=VALUE the --cases run was made with, when not "
@@ -191,7 +198,7 @@ def main() -> None:
         run = trace(run_ed, run_ed.gate_keys(requests), spec.kind, requests)
     if args.gate == "relation":
         rules = relation_rules(editor, gk, spec.kind, requests, args)
-    elif hp.key == "dual":
+    elif hp.key in ("dual", "tokens"):
         rules = dual_rules(editor, gk, spec.kind, requests, args)
     else:
         rules = cosine_rules(editor, gk, run[0], requests, args)

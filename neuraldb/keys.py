@@ -10,6 +10,7 @@ of the bare prompt.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,8 +19,8 @@ import torch
 from neuraldb.facts import EditRequest
 from neuraldb.hooks import capture, get_module, stop_after
 from neuraldb.models import LoadedModel
-from neuraldb.prompts import aligned_batch
-from neuraldb.targets import average_keys, build_rows
+from neuraldb.prompts import Batch, aligned_batch
+from neuraldb.targets import Rows, average_keys, build_rows
 
 
 @dataclass
@@ -93,6 +94,37 @@ def value_residuals(lm: LoadedModel, layer: int, values: torch.Tensor, resid: to
     return (torch.linalg.pinv(jac, rtol=1e-4) @ resid.double().unsqueeze(2)).squeeze(2).float()
 
 
+@dataclass
+class _WindowBatch:
+    """One batch of :func:`_subject_windows`: its rows and padded batch, the unit keys
+    ``unit`` ``[rows, anchor + 1, d_ff]`` of every column up to the subject's last token, and each
+    fact's window ``width`` ``[F]`` (its subject's token count in the bare prompt, capped)."""
+
+    rows: Rows
+    batch: Batch
+    unit: torch.Tensor
+    width: torch.Tensor
+
+
+def _subject_windows(lm: LoadedModel, requests: list[EditRequest], templates: list[str], layer: int,
+                     batch_size: int, most: int) -> Iterator[_WindowBatch]:
+    """The unit keys at ``layer`` of every token up to the subject's last, per batch of facts (one
+    forward each, stopped after ``layer``); ``most``: cap on the window (0: the whole subject)."""
+    lm.arch.check_layer(layer)
+    for start in range(0, len(requests), batch_size):
+        rows = build_rows(lm, requests[start : start + batch_size], templates, targets=False)
+        batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
+        s, dev = batch.anchor, lm.device
+        with capture(lm.model, inputs={"k": lm.arch.w_out_path(layer)},
+                     select=lambda t, s=s: t[:, : s + 1].float().cpu()) as got:
+            with stop_after(lm.model, lm.arch.layer_path(layer)):
+                lm.backbone(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                            position_ids=batch.position_ids.to(dev))
+        width = torch.tensor([max(1, rows.encoded[b].subject_tokens) for b in rows.bare])
+        yield _WindowBatch(rows, batch, torch.nn.functional.normalize(got["k"], dim=-1),
+                           width.clamp(max=most) if most else width)
+
+
 @torch.no_grad()
 def pooled_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[str], layer: int,
                 batch_size: int = 64, most: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,26 +137,49 @@ def pooled_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[st
     (the attention sink), and normalised; rows are averaged as
     :func:`neuraldb.targets.average_keys` does (a row whose subject ends on its first token is left
     out), and the result normalised."""
-    lm.arch.check_layer(layer)
     keys, windows = [], []
-    for start in range(0, len(requests), batch_size):
-        rows = build_rows(lm, requests[start : start + batch_size], templates, targets=False)
-        batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
-        s, dev = batch.anchor, lm.device
-        with capture(lm.model, inputs={"k": lm.arch.w_out_path(layer)},
-                     select=lambda t, s=s: t[:, : s + 1].float().cpu()) as got:
-            with stop_after(lm.model, lm.arch.layer_path(layer)):
-                lm.backbone(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                            position_ids=batch.position_ids.to(dev))
-        unit = torch.nn.functional.normalize(got["k"], dim=-1)  # [rows, s + 1, d_ff]
-        width = torch.tensor([max(1, rows.encoded[b].subject_tokens) for b in rows.bare])
-        width = width.clamp(max=most) if most else width
+    for wb in _subject_windows(lm, requests, templates, layer, batch_size, most):
+        rows, batch, unit = wb.rows, wb.batch, wb.unit
         per_row = []
         for r, e in enumerate(rows.encoded):
-            w = int(width[rows.fact[r]])
+            w = int(wb.width[rows.fact[r]])
             first = max(e.subject_last - w + 1, 1 if w > 1 else 0)  # token indices in row r
             cols = slice(int(batch.offset[r]) + first, int(batch.offset[r]) + e.subject_last + 1)
             per_row.append(torch.nn.functional.normalize(unit[r, cols].sum(0), dim=0))
         keys.append(torch.nn.functional.normalize(average_keys(torch.stack(per_row), rows, True), dim=1))
-        windows.append(width)
+        windows.append(wb.width)
     return torch.cat(keys), torch.cat(windows)
+
+
+@torch.no_grad()
+def token_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[str], layer: int,
+               batch_size: int = 64, most: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys of each subject's tokens before its last, aligned from the end, as
+    :func:`neuraldb.gate.token_cosines` reads them at inference: ``(keys [Σ(w−1), d_ff] unit-norm,
+    windows [F])``, fact by fact, and within a fact the token 1, 2, … w−1 places before the
+    subject's last.
+
+    A fact's window w is its subject's token count in the bare prompt (at most ``most``; 0: no
+    limit), shortened to the places some row has a key for: a place is read in every row where it
+    is not the row's first token (the attention sink), and the rows are averaged as
+    :func:`neuraldb.targets.average_keys` does (½·bare + ½·mean of the other templates, whichever
+    exist), then normalised."""
+    keys, windows = [], []
+    for wb in _subject_windows(lm, requests, templates, layer, batch_size, most):
+        rows, batch, unit = wb.rows, wb.batch, wb.unit
+        for f, (bare, templated) in enumerate(zip(rows.bare, rows.templated)):
+            w = 1
+            for back in range(1, int(wb.width[f])):
+                parts = []
+                for group in ([bare], templated):
+                    at = [unit[r, int(batch.offset[r]) + rows.encoded[r].subject_last - back]
+                          for r in group if rows.encoded[r].subject_last - back >= 1]
+                    if at:
+                        parts.append(torch.stack(at).mean(0))
+                if not parts:  # every row has this place (and so the ones before it) at the sink
+                    break
+                keys.append(torch.nn.functional.normalize(torch.stack(parts).mean(0), dim=0))
+                w = back + 1
+            windows.append(w)
+    d_ff = lm.arch.d_ff
+    return (torch.stack(keys) if keys else torch.zeros(0, d_ff)), torch.tensor(windows, dtype=torch.long)

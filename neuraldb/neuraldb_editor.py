@@ -26,7 +26,7 @@ from neuraldb import gate, radius, relation
 from neuraldb.editor import Editor, Progress, register
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_meta
-from neuraldb.keys import pooled_keys, subject_keys
+from neuraldb.keys import pooled_keys, subject_keys, token_keys
 from neuraldb.models import LoadedModel
 from neuraldb.store import NO_RADIUS, FactStore, StoreError
 from neuraldb.store import READS as STORE_FORMATS
@@ -34,7 +34,7 @@ from neuraldb.targets import TargetConfig, TargetHparams, Targets, optimize
 from neuraldb.templates import context_templates
 
 GATES = ("cosine", "radius", "relation")
-KEYS = ("last", "pooled", "dual")
+KEYS = ("last", "pooled", "dual", "tokens")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,10 @@ class NeuralDBHparams(TargetHparams):
     :func:`neuraldb.gate.window_cosines`) or ``"dual"`` (with the cosine or relation gate: both must
     match, the last token's key above γ and the pool of the subject's tokens above ``pool_gamma``:
     :func:`neuraldb.gate.subject_cosines`; a one-token subject, which has no pool to check, fires
-    above ``single_gamma`` instead of γ); ``batch_size``: the number of facts optimised
+    above ``single_gamma`` instead of γ) or ``"tokens"`` (with the cosine gate: the last token's key
+    above γ and every earlier subject token's key, aligned from the end, above ``token_gamma``:
+    :func:`neuraldb.keys.token_keys`, :func:`neuraldb.gate.token_cosines`; a one-token subject
+    fires above ``single_gamma``); ``batch_size``: the number of facts optimised
     together; the residual optimisation and context templates:
     :class:`neuraldb.targets.TargetHparams`.
     """
@@ -68,6 +71,7 @@ class NeuralDBHparams(TargetHparams):
     pool_max: int = 0
     pool_gamma: float = 0.45
     single_gamma: float = 0.75
+    token_gamma: float = 0.5
     radius_margin: float = 0.02
     radius_cap: float = 0.9
     relation_layer: int = 22  # the model presets set it (3/4 of the depth otherwise)
@@ -86,14 +90,16 @@ class NeuralDBHparams(TargetHparams):
             raise ValueError(f"key must be one of {', '.join(KEYS)}, got {self.key!r}")
         if self.pool_max < 0:
             raise ValueError(f"pool_max must be 0 (the whole subject) or more, got {self.pool_max}")
-        if self.key == "pooled" and self.gate != "cosine":
-            raise ValueError(f"key=pooled works with gate=cosine, not gate={self.gate}")
+        if self.key in ("pooled", "tokens") and self.gate != "cosine":
+            raise ValueError(f"key={self.key} works with gate=cosine, not gate={self.gate}")
         if self.key == "dual" and self.gate == "radius":
             raise ValueError("key=dual works with gate=cosine or gate=relation, not gate=radius")
         if not -1.0 <= self.pool_gamma < 1.0:
             raise ValueError(f"pool_gamma must be in [-1, 1), got {self.pool_gamma}")
         if not -1.0 <= self.single_gamma < 1.0:
             raise ValueError(f"single_gamma must be in [-1, 1), got {self.single_gamma}")
+        if not -1.0 <= self.token_gamma < 1.0:
+            raise ValueError(f"token_gamma must be in [-1, 1), got {self.token_gamma}")
         if self.gate == "radius" and not self.gamma <= self.radius_cap < 1.0:
             raise ValueError(f"radius_cap must be in [gamma, 1) = [{self.gamma}, 1), got {self.radius_cap}")
         if self.gate == "relation":
@@ -166,14 +172,16 @@ PRESETS: dict[str, dict[str, float | int]] = {
 class GateKeys:
     """What decides where facts fire: unit subject keys ``[F, d_ff]``, their thresholds θ ``[F]``
     (γ, or the radius), with the relation gate unit relation keys ``[F, r]``, with pooled or dual
-    keys each pool's window ``[F]`` (tokens pooled), and with dual keys the pooled unit keys
-    ``[F, d_ff]`` (``keys`` are then the last token's)."""
+    keys each pool's window ``[F]`` (tokens pooled), with dual keys the pooled unit keys
+    ``[F, d_ff]`` (``keys`` are then the last token's), with token keys the earlier subject tokens'
+    unit keys ``[Σ(w−1), d_ff]``."""
 
     keys: torch.Tensor
     theta: torch.Tensor
     relation: torch.Tensor | None
     windows: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
 
 
 @register("neuraldb")
@@ -187,7 +195,8 @@ class NeuralDBEditor(Editor):
         self.store = store or FactStore(
             lm.name, lm.fingerprint, lm.arch.model_type, h.layer, h.gamma, lm.arch.d_ff, lm.arch.d_model,
             hparams=h.to_dict(), windows=torch.zeros(0, dtype=torch.long) if h.key != "last" else None,
-            pooled_keys=torch.zeros(0, lm.arch.d_ff) if h.key == "dual" else None)
+            pooled_keys=torch.zeros(0, lm.arch.d_ff) if h.key == "dual" else None,
+            token_keys=torch.zeros(0, lm.arch.d_ff) if h.key == "tokens" else None)
         self.last_targets: Targets | None = None
 
     @classmethod
@@ -218,8 +227,7 @@ class NeuralDBEditor(Editor):
             self.prepare()
         with self.disabled():
             targets = optimize(self.lm, requests, templates, h.target_config(), h.batch_size, progress)
-            pooled, windows = (None, None) if h.key == "last" else pooled_keys(
-                self.lm, requests, templates, h.layer, most=h.pool_max)
+            pooled, windows, tokens = self.window_keys(requests)
             if h.gate == "relation":
                 keys = subject_keys(self.lm, requests, templates, [h.layer], skip_first=True).keys[h.layer]
                 rel = self.store.relation.project(targets.keys)  # type: ignore[union-attr]
@@ -228,7 +236,7 @@ class NeuralDBEditor(Editor):
             if h.key == "pooled":
                 keys, pooled = pooled, None  # type: ignore[assignment]
         self.store.add(requests, keys, targets.delta, replace=replace, radii=self.radii(requests, keys, windows),
-                       relation_keys=rel, windows=windows, pooled_keys=pooled)
+                       relation_keys=rel, windows=windows, pooled_keys=pooled, token_keys=tokens)
         self.last_targets = targets
         self.install()
 
@@ -252,8 +260,7 @@ class NeuralDBEditor(Editor):
         h, templates = self.hparams, self.templates()
         self.prepare()
         with self.disabled():
-            pooled, windows = (None, None) if h.key == "last" else pooled_keys(
-                self.lm, requests, templates, h.layer, most=h.pool_max)
+            pooled, windows, tokens = self.window_keys(requests)
         if h.key == "pooled":
             return GateKeys(pooled, torch.full((len(requests),), h.gamma), None, windows)  # type: ignore[arg-type]
         with self.disabled():
@@ -266,13 +273,27 @@ class NeuralDBEditor(Editor):
                 rel = self.store.relation.project(last)  # type: ignore[union-attr]
         radii = self.radii(requests, keys, windows)
         theta = torch.full((len(requests),), h.gamma) if radii is None else torch.clamp(radii, min=h.gamma)
-        return GateKeys(torch.nn.functional.normalize(keys.float(), dim=1), theta, rel, windows, pooled)
+        return GateKeys(torch.nn.functional.normalize(keys.float(), dim=1), theta, rel, windows, pooled, tokens)
+
+    def window_keys(self, requests: list[EditRequest]) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                                 torch.Tensor | None]:
+        """``(pooled keys [F, d_ff], windows [F], token keys [Σ(w−1), d_ff])`` of ``requests`` under
+        this editor's ``key`` (None for what it does not use), on the model as it is."""
+        h, templates = self.hparams, self.templates()
+        if h.key == "tokens":
+            tokens, windows = token_keys(self.lm, requests, templates, h.layer, most=h.pool_max)
+            return None, windows, tokens
+        if h.key == "last":
+            return None, None, None
+        pooled, windows = pooled_keys(self.lm, requests, templates, h.layer, most=h.pool_max)
+        return pooled, windows, None
 
     def subjects(self, keys: torch.Tensor, theta: torch.Tensor | float, windows: torch.Tensor | None,
-                 pooled: torch.Tensor | None) -> gate.StoredSubjects:
+                 pooled: torch.Tensor | None, tokens: torch.Tensor | None = None) -> gate.StoredSubjects:
         """The gate's subject side for these keys under this editor's hparams."""
-        shift = self.hparams.gamma - self.hparams.pool_gamma if pooled is not None else 0.0
-        return gate.StoredSubjects(keys, theta, windows, pooled, shift)
+        h = self.hparams
+        shift = h.gamma - h.pool_gamma if pooled is not None else h.gamma - h.token_gamma if tokens is not None else 0.0
+        return gate.StoredSubjects(keys, theta, windows, pooled, shift, tokens)
 
     def trace_gate(self, k: GateKeys) -> tuple[gate.Gate, int, torch.Tensor]:
         """Install a gate holding ``k`` with zero residuals (the model's output stays the base
@@ -282,7 +303,8 @@ class NeuralDBEditor(Editor):
         h, lm, m = self.hparams, self.lm, k.keys.shape[0]
         zeros = torch.zeros(m, lm.arch.d_model)
         if k.relation is None:
-            return gate.install(lm.model, self.path, self.subjects(k.keys, -1.0, k.windows, k.pooled), zeros), \
+            return gate.install(lm.model, self.path, self.subjects(k.keys, -1.0, k.windows, k.pooled, k.tokens),
+                                zeros), \
                 h.layer, k.theta
         g = gate.install_relation(lm.model, self.path, lm.arch.w_out_path(h.relation_layer),
                                   self.subjects(k.keys, k.theta, k.windows, k.pooled), self.store.relation,
@@ -292,11 +314,11 @@ class NeuralDBEditor(Editor):
     def radii(self, requests: list[EditRequest], keys: torch.Tensor,
               windows: torch.Tensor | None = None) -> torch.Tensor | None:
         """``[F]`` per-fact thresholds above γ: with ``gate="radius"`` the look-alike radii of facts
-        with keys ``[F, d_ff]`` (computed on the base model); with ``key="dual"`` ``single_gamma``
+        with keys ``[F, d_ff]`` (computed on the base model); with ``key="dual"`` or ``"tokens"`` ``single_gamma``
         for a fact whose subject is one token (``windows`` ``[F]`` = 1: no pool to check), none
         (−1) for the others; else None."""
         h = self.hparams
-        if h.key == "dual" and windows is not None:
+        if h.key in ("dual", "tokens") and windows is not None:
             return torch.where(windows == 1, torch.tensor(h.single_gamma), torch.tensor(NO_RADIUS))
         if h.gate != "radius":
             return None
@@ -309,7 +331,7 @@ class NeuralDBEditor(Editor):
 
     def install(self) -> gate.Gate:
         h, s = self.hparams, self.store
-        subjects = self.subjects(s.keys, s.thresholds(), s.windows, s.pooled_keys)
+        subjects = self.subjects(s.keys, s.thresholds(), s.windows, s.pooled_keys, s.token_keys)
         if h.gate == "relation" and s.relation is not None:
             return gate.install_relation(self.lm.model, self.path, self.lm.arch.w_out_path(h.relation_layer),
                                          subjects, s.relation, s.relation_keys, s.residuals, h.relation_gamma)
@@ -362,8 +384,10 @@ class NeuralDBEditor(Editor):
             raise StoreError(f"{path} is corrupt: its gate ({hparams.gate}, relation layer "
                              f"{hparams.relation_layer}) does not match its relation map")
         if (hparams.key != "last") != (store.windows is not None) or (
-                (hparams.key == "dual") != (store.pooled_keys is not None)):
-            raise StoreError(f"{path} is corrupt: its keys ({hparams.key}) do not match its windows and pooled keys")
+                (hparams.key == "dual") != (store.pooled_keys is not None)) or (
+                (hparams.key == "tokens") != (store.token_keys is not None)):
+            raise StoreError(f"{path} is corrupt: its keys ({hparams.key}) do not match its windows, pooled and "
+                             "token keys")
         editor = cls(lm, hparams, store)
         editor.install()
         return editor

@@ -9,7 +9,9 @@ residuals then sit at the relation layer; with pooled subject keys (``key="poole
 ``windows`` ``[m]`` int64, the number of tokens each key pools, see
 :func:`neuraldb.gate.window_cosines`; with both keys (``key="dual"``), format 5 holds ``keys`` of the
 subject's last token, ``pooled_keys`` ``[m, d_ff]`` unit-norm and ``windows``, and the relation
-gate's tensors when it has a relation map) and ``store.json`` (format version, edit layer, γ,
+gate's tensors when it has a relation map; with token keys (``key="tokens"``), format 6 holds ``keys``
+of the subject's last token, ``windows`` and ``token_keys`` ``[Σ(w−1), d_ff]`` unit-norm, the keys of
+each fact's earlier subject tokens, see :func:`neuraldb.gate.token_cosines`) and ``store.json`` (format version, edit layer, γ,
 hyperparameters, context templates, model name and fingerprint, the fact records in column order,
 and the sha256 of the tensor file). Same contents → same bytes.
 """
@@ -31,7 +33,8 @@ FORMAT_NO_RADII = "neuraldb-store/1"  # no radii tensor: every fact fires above 
 FORMAT_RELATION = "neuraldb-store/3"  # relation keys and the relation map (gate="relation")
 FORMAT_POOLED = "neuraldb-store/4"  # pooled subject keys: each fact's window (key="pooled")
 FORMAT_DUAL = "neuraldb-store/5"  # last-token and pooled keys, any gate (key="dual")
-READS = (FORMAT_DUAL, FORMAT_POOLED, FORMAT_RELATION, FORMAT, FORMAT_NO_RADII)
+FORMAT_TOKENS = "neuraldb-store/6"  # last-token keys and the earlier subject tokens' keys (key="tokens")
+READS = (FORMAT_TOKENS, FORMAT_DUAL, FORMAT_POOLED, FORMAT_RELATION, FORMAT, FORMAT_NO_RADII)
 NO_RADIUS = -1.0
 
 
@@ -48,7 +51,9 @@ class FactStore:
         records. A fact fires where it is the best match and its cosine exceeds
         :meth:`thresholds` (γ, or the fact's radius when that is higher). ``windows``: ``[m]``
         int64 in a store of pooled or dual keys (each pool's token count), None in the others;
-        ``pooled_keys``: ``[m, d_ff]`` unit-norm in a store of dual keys, None in the others.
+        ``pooled_keys``: ``[m, d_ff]`` unit-norm in a store of dual keys, None in the others;
+        ``token_keys``: ``[Σ(w−1), d_ff]`` unit-norm in a store of token keys (fact by fact, each
+        fact's w − 1 earlier subject tokens), None in the others.
     """
 
     model_name: str
@@ -68,6 +73,7 @@ class FactStore:
     relation_keys: torch.Tensor = None  # type: ignore[assignment]
     windows: torch.Tensor | None = None
     pooled_keys: torch.Tensor | None = None
+    token_keys: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.relation_keys is None:
@@ -99,11 +105,13 @@ class FactStore:
 
     def add(self, facts: list[EditRequest], keys: torch.Tensor, residuals: torch.Tensor, replace: bool = False,
             radii: torch.Tensor | None = None, relation_keys: torch.Tensor | None = None,
-            windows: torch.Tensor | None = None, pooled_keys: torch.Tensor | None = None) -> None:
+            windows: torch.Tensor | None = None, pooled_keys: torch.Tensor | None = None,
+            token_keys: torch.Tensor | None = None) -> None:
         """Append facts (keys are normalised here; ``radii`` ``[F]``, None: no radius;
         ``relation_keys`` ``[F, r]``, required when the store has a relation map; ``windows`` ``[F]``,
         required in a store of pooled or dual keys and refused in the others; ``pooled_keys``
-        ``[F, d_ff]``, required in a store of dual keys and refused in the others); an existing id is
+        ``[F, d_ff]``, required in a store of dual keys and refused in the others; ``token_keys``
+        ``[Σ(windows − 1), d_ff]``, likewise for a store of token keys); an existing id is
         replaced only with ``replace``."""
         if (windows is None) != (self.windows is None):
             raise StoreError("a store of pooled keys needs every fact's window, and only such a store takes them")
@@ -114,6 +122,11 @@ class FactStore:
         if pooled_keys is not None and pooled_keys.shape != (len(facts), self.d_ff):
             raise StoreError(f"shape mismatch: {len(facts)} facts, pooled keys {tuple(pooled_keys.shape)}, "
                              f"store d_ff={self.d_ff}")
+        if (token_keys is None) != (self.token_keys is None):
+            raise StoreError("a store of token keys needs every fact's token keys, and only such a store takes them")
+        if token_keys is not None and token_keys.shape != (_token_rows(windows), self.d_ff):  # type: ignore[arg-type]
+            raise StoreError(f"shape mismatch: windows of {_token_rows(windows)} earlier tokens, "  # type: ignore[arg-type]
+                             f"token keys {tuple(token_keys.shape)}, store d_ff={self.d_ff}")
         if radii is None:
             radii = torch.full((len(facts),), NO_RADIUS)
         rank = 0 if self.relation is None else self.relation.rank
@@ -144,10 +157,17 @@ class FactStore:
         if self.pooled_keys is not None:  # then ``pooled_keys`` is given (checked above)
             self.pooled_keys = torch.cat([self.pooled_keys,
                                           torch.nn.functional.normalize(pooled_keys.float(), dim=1)])  # type: ignore[union-attr]
+        if self.token_keys is not None:  # then ``token_keys`` is given (checked above)
+            self.token_keys = torch.cat([self.token_keys,
+                                         torch.nn.functional.normalize(token_keys.float(), dim=1)])  # type: ignore[union-attr]
 
     def remove(self, fact_ids: list[str]) -> None:
         drop = {self.index(i) for i in fact_ids}
         keep = [i for i in range(len(self)) if i not in drop]
+        if self.token_keys is not None:  # before windows change: the rows of the kept facts' tokens
+            spans = (self.windows - 1).tolist()  # type: ignore[operator]
+            starts = [sum(spans[:i]) for i in range(len(spans))]
+            self.token_keys = self.token_keys[[r for i in keep for r in range(starts[i], starts[i] + spans[i])]]
         self.facts = [self.facts[i] for i in keep]
         self.keys = self.keys[keep]
         self.residuals = self.residuals[keep]
@@ -173,6 +193,8 @@ class FactStore:
         return bool((self.radii != NO_RADIUS).any())
 
     def format(self) -> str:
+        if self.token_keys is not None:
+            return FORMAT_TOKENS
         if self.pooled_keys is not None:
             return FORMAT_DUAL
         if self.relation is not None:
@@ -201,6 +223,8 @@ class FactStore:
                 tensors["windows"] = self.windows
             if self.pooled_keys is not None:
                 tensors["pooled_keys"] = self.pooled_keys
+            if self.token_keys is not None:
+                tensors["token_keys"] = self.token_keys
             if self.relation is not None:
                 tensors |= {"relation_keys": self.relation_keys} | self.relation.tensors()
             write_artifact(path, "store.json", self.meta(), tensors)
@@ -213,10 +237,11 @@ class FactStore:
             meta, t = read_artifact(path, "store.json", READS)
         except ArtifactError as e:
             raise StoreError(str(e)) from None
-        if meta["format"] in (FORMAT, FORMAT_RELATION, FORMAT_POOLED, FORMAT_DUAL) and "radii" not in t:
+        if meta["format"] in (FORMAT, FORMAT_RELATION, FORMAT_POOLED, FORMAT_DUAL, FORMAT_TOKENS) and "radii" not in t:
             raise StoreError(f"{path} is corrupt: a {meta['format']} store without its radii tensor")
         windows = _windows(path, meta, t)
-        pooled = _pooled_keys(path, meta, t)
+        pooled = _unit_tensor(path, meta, t, FORMAT_DUAL, "pooled_keys")
+        tokens = _unit_tensor(path, meta, t, FORMAT_TOKENS, "token_keys")
         relation = _relation(path, meta, t)
         radii = t.get("radii")
         if radii is not None and not bool(torch.isfinite(radii.float()).all()):
@@ -226,19 +251,20 @@ class FactStore:
                     m["d_model"], meta["hparams"], meta["templates"],
                     [EditRequest.from_dict(f) for f in meta["facts"]], t["keys"], t["residuals"],
                     None if radii is None else radii.float(), relation,
-                    None if relation is None else t["relation_keys"].float(), windows, pooled)
+                    None if relation is None else t["relation_keys"].float(), windows, pooled, tokens)
         if (store.keys.shape != (len(store), store.d_ff) or store.residuals.shape != (len(store), store.d_model)
                 or store.radii.shape != (len(store),)
                 or store.relation_keys.shape != (len(store), 0 if relation is None else relation.rank)
                 or (windows is not None and windows.shape != (len(store),))
-                or (pooled is not None and pooled.shape != store.keys.shape)):
+                or (pooled is not None and pooled.shape != store.keys.shape)
+                or (tokens is not None and tokens.shape != (_token_rows(windows), store.d_ff))):  # type: ignore[arg-type]
             raise StoreError(f"{path} is corrupt: tensor shapes do not match its {len(store)} facts")
         return store
 
 
 def _windows(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The windows of a format-4 or -5 store (None for the others), checked."""
-    if meta["format"] not in (FORMAT_POOLED, FORMAT_DUAL):
+    """The windows of a format-4, -5 or -6 store (None for the others), checked."""
+    if meta["format"] not in (FORMAT_POOLED, FORMAT_DUAL, FORMAT_TOKENS):
         return None
     if "windows" not in t:
         raise StoreError(f"{path} is corrupt: a {meta['format']} store without its windows tensor")
@@ -248,15 +274,22 @@ def _windows(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor])
     return w
 
 
-def _pooled_keys(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The pooled keys of a format-5 store (None for the others), checked."""
-    if meta["format"] != FORMAT_DUAL:
+def _unit_tensor(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor], fmt: str,
+                 name: str) -> torch.Tensor | None:
+    """Tensor ``name`` of a store of format ``fmt`` (the pooled keys of format 5, the token keys of
+    format 6; None in the others), checked finite."""
+    if meta["format"] != fmt:
         return None
-    if "pooled_keys" not in t:
-        raise StoreError(f"{path} is corrupt: a {FORMAT_DUAL} store without its pooled_keys tensor")
-    if not bool(torch.isfinite(t["pooled_keys"].float()).all()):
-        raise StoreError(f"{path} is corrupt: pooled keys that are not finite numbers")
-    return t["pooled_keys"].float()
+    if name not in t:
+        raise StoreError(f"{path} is corrupt: a {fmt} store without its {name} tensor")
+    if t[name].dim() != 2 or not bool(torch.isfinite(t[name].float()).all()):
+        raise StoreError(f"{path} is corrupt: {name.replace('_', ' ')} that are not finite numbers")
+    return t[name].float()
+
+
+def _token_rows(windows: torch.Tensor) -> int:
+    """How many earlier-token keys facts with these windows ``[m]`` hold: Σ(w − 1)."""
+    return int((windows - 1).sum())
 
 
 def _relation(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> RelationMap | None:

@@ -1,0 +1,119 @@
+"""Token keys (``key=tokens``): a fact fires where its subject's last token matches *and* every earlier
+subject token matches in its place, so a near-namesake that differs in any one token does not fire;
+the store keeps the earlier tokens' keys; the base model comes back bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuraldb import gate
+from neuraldb.facts import EditRequest
+from neuraldb.keys import token_keys
+from neuraldb.neuraldb_editor import NeuralDBEditor
+from neuraldb.prompts import encode_with_subject
+from neuraldb.store import FactStore, StoreError
+
+from .conftest import tiny_model
+from .test_pooled_keys import A_IN, B_IN, STRANGER
+from .test_radius import HP, fired, logits
+
+# a near-namesake of a stored name that differs from it in the middle word only
+C_IN = EditRequest("c", "The man {} plays the sport of", "Anna Lee Jordan", " chess", " basketball")
+NAMESAKE = "The man Anna Kim Jordan plays the sport of"
+
+
+def test_token_cosines_take_the_lowest_aligned_cosine_without_the_sink():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 32)
+    u = torch.nn.functional.normalize(x, dim=-1)
+    windows = torch.tensor([1, 3, 2])  # fact 1 keeps 2 earlier tokens (rows 0, 1), fact 2 one (row 2)
+    tokens = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
+    low = gate.token_cosines(x, tokens, gate.token_groups(windows), 3)
+    assert torch.isinf(low[..., 0]).all(), "a one-token subject has nothing to check"
+    want = torch.minimum(u[:, 4] @ tokens[0], u[:, 3] @ tokens[1])
+    assert torch.allclose(low[:, 5, 1], want)
+    assert torch.allclose(low[:, 5, 2], u[:, 4] @ tokens[2])
+    assert torch.allclose(low[:, 2, 1], u[:, 1] @ tokens[0]), "token 0 (the sink) is left out"
+    assert (low[:, 0, 1:] == -2).all() and (low[:, 1, 1] == -2).all(), "a window that does not fit never fires"
+    keys = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
+    got = gate.subject_cosines(x, keys, tokens=tokens, token_layout=gate.token_groups(windows), shift=0.1)
+    assert torch.equal(got, torch.minimum(u @ keys.T, low + 0.1))
+
+
+def test_token_keys_are_what_the_gate_reads_before_the_subjects_last_token():
+    lm = tiny_model("llama")
+    keys, windows = token_keys(lm, [A_IN, C_IN], ["{}"], 1)  # the bare prompt alone: the gate reads the same keys
+    assert windows.tolist() == [encode_with_subject(lm.tokenizer, r.template, r.subject).subject_tokens
+                                for r in (A_IN, C_IN)]
+    assert keys.shape == (int((windows - 1).sum()), lm.arch.d_ff)
+    g = gate.install(lm.model, lm.arch.w_out_path(1),
+                     gate.StoredSubjects(torch.zeros(2, lm.arch.d_ff), -3.0, windows, tokens=keys, shift=2.0),
+                     torch.zeros(2, lm.arch.d_model))
+    try:
+        for j, r in enumerate((A_IN, C_IN)):
+            e = encode_with_subject(lm.tokenizer, r.template, r.subject)
+            g.trace = []
+            with torch.no_grad():
+                lm.model(torch.tensor([e.ids]))
+            f, g.trace = g.trace[0], None
+            # score min(cos(k, 0) = 0, lowest aligned cosine + 2): each place read back at cosine 1
+            assert float(f.cosine[0, e.subject_last].max()) == pytest.approx(0.0, abs=1e-6)
+            assert token_keys(lm, [r], ["{}"], 1, most=2)[1].tolist() == [2], "pool_max caps the window"
+    finally:
+        gate.unload(lm.model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_near_namesake_does_not_fire_and_the_base_comes_back(arch, tmp_path):
+    lm = tiny_model(arch)
+    base, base_a, base_n = logits(lm, STRANGER), logits(lm, A_IN.prompt), logits(lm, NAMESAKE)
+    plain = NeuralDBEditor(lm, HP)
+    plain.edit([A_IN, B_IN, C_IN])
+    assert 2 in fired(plain, NAMESAKE), "the last-token key fires Anna Lee Jordan on Anna Kim Jordan"
+    plain.restore()
+    ed = NeuralDBEditor(lm, HP.replace(key="tokens", token_gamma=0.9))
+    ed.edit([A_IN, B_IN, C_IN])
+    s = ed.store
+    assert s.token_keys is not None and s.pooled_keys is None and (s.windows > 1).all()
+    assert fired(ed, A_IN.prompt) == [0] and fired(ed, B_IN.prompt) == [1] and fired(ed, C_IN.prompt) == [2]
+    assert fired(ed, STRANGER) == [], "Toko Jordan shares only ' Jordan'"
+    assert fired(ed, NAMESAKE) == [], "Anna Kim Jordan differs from Anna Lee Jordan in one token"
+    assert torch.equal(logits(lm, STRANGER), base) and torch.equal(logits(lm, NAMESAKE), base_n), \
+        "nothing fires: the base output bit for bit"
+    edited = logits(lm, A_IN.prompt)
+    assert not torch.equal(edited, base_a), "the own fact fired"
+    ed.save(tmp_path / "s")
+    assert FactStore.load(tmp_path / "s").meta()["format"] == "neuraldb-store/6"
+    again = NeuralDBEditor.load(lm, tmp_path / "s")
+    assert torch.equal(logits(lm, A_IN.prompt), edited) and again.hparams.key == "tokens"
+    again.save(tmp_path / "t")
+    tensors = "tensors.safetensors"
+    assert (tmp_path / "s" / tensors).read_bytes() == (tmp_path / "t" / tensors).read_bytes()
+    again.remove(["b"])  # the token keys of the facts kept stay theirs
+    assert fired(again, A_IN.prompt) == [0] and fired(again, C_IN.prompt) == [1]
+    assert torch.equal(again.store.token_keys, torch.cat([s.token_keys[: int(s.windows[0]) - 1],
+                                                          s.token_keys[-(int(s.windows[2]) - 1):]]))
+    again.remove(["a", "c"])
+    assert torch.equal(logits(lm, A_IN.prompt), base_a), "every fact removed: the base logits bit for bit"
+    again.restore()
+
+
+def test_a_token_store_refuses_missing_or_misshapen_token_keys(tmp_path):
+    lm = tiny_model("llama")
+    ed = NeuralDBEditor(lm, HP.replace(key="tokens"))
+    ed.edit([A_IN])
+    store = ed.store
+    fact = [EditRequest("c", "{} is", "Rome", " x")]
+    key, res = torch.ones(1, lm.arch.d_ff), torch.zeros(1, lm.arch.d_model)
+    with pytest.raises(StoreError, match="token keys"):
+        store.add(fact, key, res, windows=torch.tensor([1]))
+    with pytest.raises(StoreError, match="token keys"):
+        store.add(fact, key, res, windows=torch.tensor([3]), token_keys=torch.ones(1, lm.arch.d_ff))
+    with pytest.raises(ValueError, match="key=tokens works with gate=cosine"):
+        HP.replace(key="tokens", gate="relation").validate(lm)
+    with pytest.raises(ValueError, match="token_gamma"):
+        HP.replace(key="tokens", token_gamma=1.0).validate(lm)
+    ed.save(tmp_path / "s")
+    assert FactStore.load(tmp_path / "s").token_keys.shape == (int(store.windows[0]) - 1, lm.arch.d_ff)
+    ed.restore()
