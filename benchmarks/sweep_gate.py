@@ -228,12 +228,13 @@ def show(result: dict) -> None:
     sim = result.get("simulated")
     loc = sorted({k for s in (sim or {}).values() for k in s if k.startswith("locality_")})
     t = Table(title=f"gate rules on {result['dataset']} ({result['facts']} facts, gate {result['gate']})")
-    for c in ("rule", "own fires: edit", "paraphrase", "neighbour fires", "same ending",
+    for c in ("rule", "own fires: edit", "paraphrase", "neighbour fires", "same ending", "foreign on edit (digit)",
               *(("Efficacy", "Generalization", "Specificity", *loc, "partial") if sim else ())):
         t.add_column(c, justify="left" if c == "rule" else "right")
     for name, r in result["rates"].items():
         row = [name, f"{r['rewrite_own_fires_pct']:.1f}", f"{r['paraphrase_own_fires_pct']:.1f}",
-               f"{r['neighbourhood_any_fires_pct']:.1f}", f"{r['neighbourhood_fact_pct']['same_ending']:.1f}"]
+               f"{r['neighbourhood_any_fires_pct']:.1f}", f"{r['neighbourhood_fact_pct']['same_ending']:.1f}",
+               f"{r.get('rewrite_foreign_fires', 'n/a')} ({r.get('rewrite_foreign_digit_fires', 'n/a')})"]
         if sim:
             s = sim[name]
             row += [_pct(s.get(k)) for k in ("efficacy", "generalization", "specificity", *loc)]

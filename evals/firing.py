@@ -90,6 +90,13 @@ def kinds(t: Trace, own: int, theta: torch.Tensor, prompt: str, subjects: list[s
     return out
 
 
+def foreign_tokens(t: Trace, own: int, theta: torch.Tensor, tok: object) -> list[str]:
+    """The text (stripped) of every scored token of ``t`` where a fact other than ``own`` fires: on
+    an edit prompt, what another fact overwrites (a lone digit: a key read at a number)."""
+    return [tok.decode([t.ids[p]]).strip() for p in t.scored()  # type: ignore[attr-defined]
+            if int(t.index[p]) != own and float(t.cosine[p]) > float(theta[t.index[p]])]
+
+
 def _last_word(text: str) -> str:
     words = re.findall(r"\w+", text)
     return words[-1] if words else text
@@ -109,8 +116,11 @@ def rates(rewrite: list[Trace], para: list[list[Trace]], neigh: list[list[Trace]
     for name, theta in rules.items():
         nk = [{k for k in kinds(t, i, theta, p, subjects, tok, ending_anywhere) if k.endswith("_prompt")}
               for i, ts in enumerate(neigh) for t, p in zip(ts, prompts[i])]
+        foreign = [foreign_tokens(t, i, theta, tok) for i, t in enumerate(rewrite)]
         table[name] = {
             "rewrite_own_fires_pct": share([fires_own(t, i, theta) for i, t in enumerate(rewrite)]),
+            "rewrite_foreign_fires": sum(bool(f) for f in foreign),
+            "rewrite_foreign_digit_fires": sum(any(x.isdigit() for x in f) for f in foreign),
             "paraphrase_own_fires_pct": share([fires_own(t, i, theta) for i, ts in enumerate(para) for t in ts]),
             "neighbourhood_any_fires_pct": share([bool(k) for k in nk]),
             "neighbourhood_fact_pct": {who: share([f"{who}_prompt" in k for k in nk]) for who in WHO},
