@@ -13,8 +13,9 @@ where the token's key matches its subject's last-token key above γ *and* the po
 matches the subject's pooled key above γ_pool (:func:`subject_cosines`), so a shared last word alone
 ("Toko Jordan" for "Michael Jordan") no longer fires. With token keys (``key="tokens"``) the score is
 ``min(cos(k, k_j), lowest aligned cosine of the earlier subject tokens + γ − γ_token)``
-(:func:`token_cosines`): every token of the subject must match in its place, so a near-namesake
-that differs in one token ("Third / First Czechoslovak Republic") does not fire either.
+(:func:`token_cosines`), the best over the subject's tokenisations (forms: " Jah ang ir" inside a
+sentence, "J ah ang ir" opening one): every token of the subject must match in its place, so a
+near-namesake that differs in one token ("Third / First Czechoslovak Republic") does not fire either.
 Where nothing fires the base output is returned untouched (``torch.where``), so the gated model's
 logits equal the base model's bit for bit.
 
@@ -92,8 +93,8 @@ def window_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, 
 
 def token_groups(windows: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """For each place ``back`` = 1 … max(w) − 1 before a subject's last token, the columns of the
-    facts whose window reaches it and their rows in the flat token keys of :func:`token_cosines`
-    (fact by fact, places 1 … w − 1 each): computed once per store change."""
+    forms whose window ``[C]`` reaches it and their rows in the flat token keys of
+    :func:`token_cosines` (form by form, places 1 … w − 1 each): computed once per store change."""
     spans = (windows - 1).clamp(min=0)
     starts = spans.cumsum(0) - spans
     out = []
@@ -104,16 +105,16 @@ def token_groups(windows: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.T
 
 
 def token_cosines(x: torch.Tensor, tokens: torch.Tensor, groups: list[tuple[int, torch.Tensor, torch.Tensor]],
-                  m: int) -> torch.Tensor:
-    """``[b, t, m]``: per token t and fact j, the lowest cosine of the tokens before t with fact j's
+                  n_forms: int) -> torch.Tensor:
+    """``[b, t, C]``: per token t and form c, the lowest cosine of the tokens before t with form c's
     subject tokens aligned from the end (``x`` ``[b, t, d_ff]``; ``tokens`` ``[Σ(w−1), d_ff]``
-    unit-norm, :func:`neuraldb.keys.token_keys`; ``groups``: :func:`token_groups`): the min over
-    ``back`` = 1 … w_j − 1 of cos(x[t − back], tokens_j[back]). A place on the call's first token
-    (the attention sink) is left out; where the window does not fit in the call (t < w_j − 1) the
-    score is −2 (never fires); a fact of one token (nothing to check) gets +inf. One matmul per
-    place, none per fact or token."""
+    unit-norm, :class:`neuraldb.keys.TokenKeys`; ``groups``: :func:`token_groups`): the min over
+    ``back`` = 1 … w_c − 1 of cos(x[t − back], tokens_c[back]). A place on the call's first token
+    (the attention sink) is left out; where the window does not fit in the call (t < w_c − 1) the
+    score is −2 (never fires); a form of one token (nothing to check) gets +inf. One matmul per
+    place, none per form or token."""
     u = torch.nn.functional.normalize(x.float(), dim=-1)
-    low = u.new_full((*u.shape[:-1], m), float("inf"))
+    low = u.new_full((*u.shape[:-1], n_forms), float("inf"))
     n = u.shape[1]
     for back, cols, rows in groups:
         c = u.new_full((u.shape[0], n, len(cols)), -2.0)
@@ -124,22 +125,48 @@ def token_cosines(x: torch.Tensor, tokens: torch.Tensor, groups: list[tuple[int,
     return low
 
 
+@dataclass
+class StoredTokens:
+    """The token side of ``key="tokens"`` on the gate's device: the forms' keys ``[Σ(w−1), d_ff]``,
+    windows ``[C]`` and facts ``[C]`` (:class:`neuraldb.keys.TokenKeys`), their :func:`token_groups`,
+    the shift γ − ``token_gamma`` of the earlier tokens' cosines and the shift γ − ``single_gamma``
+    of a one-token form's cosine (it fires above ``single_gamma``: nothing else to check)."""
+
+    keys: torch.Tensor
+    windows: torch.Tensor
+    facts: torch.Tensor
+    shift: float
+    single_shift: float
+
+    def __post_init__(self) -> None:
+        self.layout = token_groups(self.windows)
+        self.single = self.windows == 1
+
+    def scores(self, x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        """Fact scores ``[..., m]`` from token keys ``x`` ``[..., d_ff]`` and their last-token cosines
+        ``cos`` ``[..., m]``: per fact, the best of its forms, a form scoring
+        ``min(cos, lowest aligned cosine + shift)`` (one token: ``cos + single_shift``)."""
+        rows = x.reshape(-1, *x.shape[-2:])  # the places run along the sequence dimension
+        low = token_cosines(rows, self.keys, self.layout, len(self.windows)).reshape(*x.shape[:-1], -1)
+        at = cos[..., self.facts]
+        form = torch.where(self.single, at + self.single_shift, torch.minimum(at, low + self.shift))
+        best = cos.new_full(cos.shape, -2.0)
+        return best.scatter_reduce(-1, self.facts.expand_as(form), form, "amax")
+
+
 def subject_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, torch.Tensor]] | None = None,
                     pooled: torch.Tensor | None = None, shift: float = 0.0,
-                    tokens: torch.Tensor | None = None,
-                    token_layout: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                    tokens: StoredTokens | None = None) -> torch.Tensor:
     """Subject-key scores ``[..., m]`` of token keys ``x`` ``[..., d_ff]`` against stored unit keys
     ``[m, d_ff]``: the cosine (``groups`` None); with ``groups`` and no ``pooled``, the pooled
     cosine of :func:`window_cosines` (``keys`` are then pooled keys); with both (``key="dual"``),
     ``min(cos(x_t, keys), pooled cosine against pooled ``[m, d_ff]`` + shift)``, so that a score
     above γ means the token's key is above γ and its pool above γ − shift (``pool_gamma``); with
-    ``tokens`` (``key="tokens"``), ``min(cos(x_t, keys), token_cosines + shift)``: the token's key
-    above γ and each earlier subject token's, aligned, above γ − shift (``token_gamma``)."""
+    ``tokens`` (``key="tokens"``), :meth:`StoredTokens.scores`: the token's key above γ and, in one
+    of the fact's forms, each earlier subject token's, aligned, above ``token_gamma``."""
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
     if tokens is not None:
-        rows = x.reshape(-1, *x.shape[-2:])
-        low = token_cosines(rows, tokens, token_layout or [], keys.shape[0]).reshape(*x.shape[:-1], -1)
-        return torch.minimum(unit @ keys.T, low + shift)
+        return tokens.scores(x, unit @ keys.T)
     if groups is None:
         return unit @ keys.T
     rows = x.reshape(-1, *x.shape[-2:])  # the window runs along the sequence dimension
@@ -154,16 +181,15 @@ class StoredSubjects:
     """The stored subject side of a gate: unit keys ``[m, d_ff]``, thresholds ``[m]``, and for
     pooled keys each fact's window ``[m]`` (None: one token's key); with ``key="dual"`` also the
     pooled unit keys ``[m, d_ff]`` (then ``keys`` are last-token keys) and the pool's shift
-    γ − ``pool_gamma``; with ``key="tokens"`` the earlier subject tokens' unit keys
-    ``[Σ(w−1), d_ff]`` (:func:`token_cosines`, ``pooled`` None) and the shift γ − ``token_gamma``.
-    See :func:`subject_cosines`."""
+    γ − ``pool_gamma``; with ``key="tokens"`` the forms of the earlier subject tokens
+    (:class:`StoredTokens`; ``windows`` and ``pooled`` None). See :func:`subject_cosines`."""
 
     keys: torch.Tensor
     thresholds: torch.Tensor | float
     windows: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     shift: float = 0.0
-    tokens: torch.Tensor | None = None
+    tokens: StoredTokens | None = None
 
 
 class _SubjectScores(nn.Module):
@@ -176,15 +202,16 @@ class _SubjectScores(nn.Module):
         self.keys = s.keys.to(w.device, torch.float32)
         self.thresholds = torch.as_tensor(s.thresholds, dtype=torch.float32).expand(s.keys.shape[0]).to(w.device)
         self.windows = None if s.windows is None else s.windows.to(w.device, torch.long)
-        self.tokens = None if s.tokens is None else s.tokens.to(w.device, torch.float32)
-        self.token_layout = None if self.tokens is None else token_groups(self.windows)  # type: ignore[arg-type]
-        self.groups = None if self.windows is None or self.tokens is not None else window_groups(self.windows)
+        t = s.tokens
+        self.tokens = None if t is None else StoredTokens(t.keys.to(w.device, torch.float32), t.windows.to(w.device),
+                                                         t.facts.to(w.device), t.shift, t.single_shift)
+        self.groups = None if self.windows is None else window_groups(self.windows)
         self.pooled = None if s.pooled is None else s.pooled.to(w.device, torch.float32)
         self.shift = float(s.shift)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., m]``: :func:`subject_cosines` of ``x`` ``[..., d_ff]``."""
-        return subject_cosines(x, self.keys, self.groups, self.pooled, self.shift, self.tokens, self.token_layout)
+        return subject_cosines(x, self.keys, self.groups, self.pooled, self.shift, self.tokens)
 
 
 class GatedProjection(_SubjectScores):

@@ -151,35 +151,100 @@ def pooled_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[st
     return torch.cat(keys), torch.cat(windows)
 
 
+@dataclass
+class TokenKeys:
+    """The earlier subject tokens' keys of F facts, in *forms*: a subject tokenised two ways (" Jah ang
+    ir" inside a sentence, "J ah ang ir" opening one) has one form per tokenisation, and a fact matches
+    where any of its forms does. ``facts`` ``[C]``: the fact (0 … F−1, ascending) of each form;
+    ``windows`` ``[C]``: each form's token count w (its last token is the fact's last-token key);
+    ``keys`` ``[Σ(w−1), d_ff]`` unit-norm: form by form, the tokens 1, 2, … w−1 places before the
+    subject's last (:func:`neuraldb.gate.token_cosines`)."""
+
+    keys: torch.Tensor
+    windows: torch.Tensor
+    facts: torch.Tensor
+
+    @classmethod
+    def empty(cls, d_ff: int) -> TokenKeys:
+        return cls(torch.zeros(0, d_ff), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Each form's rows in ``keys``: ``(start, stop)``."""
+        sizes = (self.windows - 1).tolist()
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [(a, a + n) for a, n in zip(starts, sizes)]
+
+    def select(self, facts: list[int]) -> TokenKeys:
+        """The forms of ``facts`` (indices, ascending), renumbered 0 … len(facts)−1."""
+        new = {f: i for i, f in enumerate(facts)}
+        cols = [c for c, f in enumerate(self.facts.tolist()) if f in new]
+        spans = self.spans()
+        rows = [r for c in cols for r in range(*spans[c])]
+        return TokenKeys(self.keys[rows], self.windows[cols],
+                         torch.tensor([new[f] for f in self.facts[cols].tolist()], dtype=torch.long))
+
+    def cat(self, other: TokenKeys, offset: int) -> TokenKeys:
+        """These forms followed by ``other``'s, whose facts are numbered from ``offset``."""
+        return TokenKeys(torch.cat([self.keys, torch.nn.functional.normalize(other.keys.float(), dim=1)]),
+                         torch.cat([self.windows, other.windows.long()]),
+                         torch.cat([self.facts, other.facts.long() + offset]))
+
+    def check(self, n_facts: int, d_ff: int) -> str | None:
+        """What is wrong with these forms for a store of ``n_facts`` facts (None: nothing)."""
+        w, f = self.windows, self.facts
+        if w.dtype != torch.int64 or f.dtype != torch.int64 or w.dim() != 1 or w.shape != f.shape:
+            return "token windows and token facts must be int64 vectors of one length"
+        if bool((w < 1).any()) or (len(f) and (bool((f[1:] < f[:-1]).any()))):
+            return "token windows must be at least 1 and token facts ascending"
+        if sorted(set(f.tolist())) != list(range(n_facts)):
+            return f"token facts must name each of the {n_facts} facts"
+        if self.keys.shape != (int((w - 1).sum()), d_ff) or not bool(torch.isfinite(self.keys).all()):
+            return "token keys must be finite, one row per earlier token of each form"
+        return None
+
+
 @torch.no_grad()
 def token_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[str], layer: int,
-               batch_size: int = 64, most: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+               batch_size: int = 64, most: int = 0) -> TokenKeys:
     """The keys of each subject's tokens before its last, aligned from the end, as
-    :func:`neuraldb.gate.token_cosines` reads them at inference: ``(keys [Σ(w−1), d_ff] unit-norm,
-    windows [F])``, fact by fact, and within a fact the token 1, 2, … w−1 places before the
-    subject's last.
+    :func:`neuraldb.gate.token_cosines` reads them at inference (:class:`TokenKeys`).
 
-    A fact's window w is its subject's token count in the bare prompt (at most ``most``; 0: no
-    limit), shortened to the places some row has a key for: a place is read in every row where it
-    is not the row's first token (the attention sink), and the rows are averaged as
-    :func:`neuraldb.targets.average_keys` does (½·bare + ½·mean of the other templates, whichever
-    exist), then normalised."""
-    keys, windows = [], []
+    A fact's rows (its prompt under each context template) are grouped by how they tokenise the
+    subject; each tokenisation is a form, in the order of its first row. A form's window is its
+    subject's token count (at most ``most``; 0: no limit), shortened to the places some row has a
+    key for: a place is read in every row of the form where it is not the row's first token (the
+    attention sink), and the rows are averaged as :func:`neuraldb.targets.average_keys` does (½·bare
+    + ½·mean of the other templates, whichever the form has), then normalised."""
+    out = TokenKeys.empty(lm.arch.d_ff)
+    keys: list[torch.Tensor] = []
+    windows: list[int] = []
+    facts: list[int] = []
+    done = 0
     for wb in _subject_windows(lm, requests, templates, layer, batch_size, most):
         rows, batch, unit = wb.rows, wb.batch, wb.unit
         for f, (bare, templated) in enumerate(zip(rows.bare, rows.templated)):
-            w = 1
-            for back in range(1, int(wb.width[f])):
-                parts = []
-                for group in ([bare], templated):
-                    at = [unit[r, int(batch.offset[r]) + rows.encoded[r].subject_last - back]
-                          for r in group if rows.encoded[r].subject_last - back >= 1]
-                    if at:
-                        parts.append(torch.stack(at).mean(0))
-                if not parts:  # every row has this place (and so the ones before it) at the sink
-                    break
-                keys.append(torch.nn.functional.normalize(torch.stack(parts).mean(0), dim=0))
-                w = back + 1
-            windows.append(w)
-    d_ff = lm.arch.d_ff
-    return (torch.stack(keys) if keys else torch.zeros(0, d_ff)), torch.tensor(windows, dtype=torch.long)
+            forms: dict[tuple[int, ...], list[int]] = {}
+            for r in [bare, *templated]:
+                e = rows.encoded[r]
+                forms.setdefault(e.ids[e.subject_first : e.subject_last + 1], []).append(r)
+            for ids, members in forms.items():
+                width = min(len(ids), most) if most else len(ids)
+                w = 1
+                for back in range(1, width):
+                    parts = []
+                    for group in ([r for r in members if r == bare], [r for r in members if r != bare]):
+                        at = [unit[r, int(batch.offset[r]) + rows.encoded[r].subject_last - back]
+                              for r in group if rows.encoded[r].subject_last - back >= 1]
+                        if at:
+                            parts.append(torch.stack(at).mean(0))
+                    if not parts:  # every row of the form has this place (and the ones before) at the sink
+                        break
+                    keys.append(torch.nn.functional.normalize(torch.stack(parts).mean(0), dim=0))
+                    w = back + 1
+                windows.append(w)
+                facts.append(done + f)
+        done += len(rows.bare)
+    if keys:
+        out.keys = torch.stack(keys)
+    out.windows, out.facts = torch.tensor(windows, dtype=torch.long), torch.tensor(facts, dtype=torch.long)
+    return out

@@ -26,7 +26,7 @@ from neuraldb import gate, radius, relation
 from neuraldb.editor import Editor, Progress, register
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_meta
-from neuraldb.keys import pooled_keys, subject_keys, token_keys
+from neuraldb.keys import TokenKeys, pooled_keys, subject_keys, token_keys
 from neuraldb.models import LoadedModel
 from neuraldb.store import NO_RADIUS, FactStore, StoreError
 from neuraldb.store import READS as STORE_FORMATS
@@ -57,9 +57,9 @@ class NeuralDBHparams(TargetHparams):
     match, the last token's key above γ and the pool of the subject's tokens above ``pool_gamma``:
     :func:`neuraldb.gate.subject_cosines`; a one-token subject, which has no pool to check, fires
     above ``single_gamma`` instead of γ) or ``"tokens"`` (with the cosine gate: the last token's key
-    above γ and every earlier subject token's key, aligned from the end, above ``token_gamma``:
-    :func:`neuraldb.keys.token_keys`, :func:`neuraldb.gate.token_cosines`; a one-token subject
-    fires above ``single_gamma``); ``batch_size``: the number of facts optimised
+    above γ and every earlier subject token's key, aligned from the end, above ``token_gamma``, in
+    one of the subject's tokenisations: :func:`neuraldb.keys.token_keys`,
+    :func:`neuraldb.gate.token_cosines`; a one-token form fires above ``single_gamma``); ``batch_size``: the number of facts optimised
     together; the residual optimisation and context templates:
     :class:`neuraldb.targets.TargetHparams`.
     """
@@ -174,14 +174,14 @@ class GateKeys:
     (γ, or the radius), with the relation gate unit relation keys ``[F, r]``, with pooled or dual
     keys each pool's window ``[F]`` (tokens pooled), with dual keys the pooled unit keys
     ``[F, d_ff]`` (``keys`` are then the last token's), with token keys the earlier subject tokens'
-    unit keys ``[Σ(w−1), d_ff]``."""
+    (:class:`neuraldb.keys.TokenKeys`)."""
 
     keys: torch.Tensor
     theta: torch.Tensor
     relation: torch.Tensor | None
     windows: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
-    tokens: torch.Tensor | None = None
+    tokens: TokenKeys | None = None
 
 
 @register("neuraldb")
@@ -194,9 +194,9 @@ class NeuralDBEditor(Editor):
         h = self.hparams
         self.store = store or FactStore(
             lm.name, lm.fingerprint, lm.arch.model_type, h.layer, h.gamma, lm.arch.d_ff, lm.arch.d_model,
-            hparams=h.to_dict(), windows=torch.zeros(0, dtype=torch.long) if h.key != "last" else None,
+            hparams=h.to_dict(), windows=torch.zeros(0, dtype=torch.long) if h.key in ("pooled", "dual") else None,
             pooled_keys=torch.zeros(0, lm.arch.d_ff) if h.key == "dual" else None,
-            token_keys=torch.zeros(0, lm.arch.d_ff) if h.key == "tokens" else None)
+            tokens=TokenKeys.empty(lm.arch.d_ff) if h.key == "tokens" else None)
         self.last_targets: Targets | None = None
 
     @classmethod
@@ -236,7 +236,7 @@ class NeuralDBEditor(Editor):
             if h.key == "pooled":
                 keys, pooled = pooled, None  # type: ignore[assignment]
         self.store.add(requests, keys, targets.delta, replace=replace, radii=self.radii(requests, keys, windows),
-                       relation_keys=rel, windows=windows, pooled_keys=pooled, token_keys=tokens)
+                       relation_keys=rel, windows=windows, pooled_keys=pooled, tokens=tokens)
         self.last_targets = targets
         self.install()
 
@@ -276,24 +276,25 @@ class NeuralDBEditor(Editor):
         return GateKeys(torch.nn.functional.normalize(keys.float(), dim=1), theta, rel, windows, pooled, tokens)
 
     def window_keys(self, requests: list[EditRequest]) -> tuple[torch.Tensor | None, torch.Tensor | None,
-                                                                 torch.Tensor | None]:
-        """``(pooled keys [F, d_ff], windows [F], token keys [Σ(w−1), d_ff])`` of ``requests`` under
-        this editor's ``key`` (None for what it does not use), on the model as it is."""
+                                                                 TokenKeys | None]:
+        """``(pooled keys [F, d_ff], windows [F], token keys)`` of ``requests`` under this editor's
+        ``key`` (None for what it does not use), on the model as it is."""
         h, templates = self.hparams, self.templates()
         if h.key == "tokens":
-            tokens, windows = token_keys(self.lm, requests, templates, h.layer, most=h.pool_max)
-            return None, windows, tokens
+            return None, None, token_keys(self.lm, requests, templates, h.layer, most=h.pool_max)
         if h.key == "last":
             return None, None, None
         pooled, windows = pooled_keys(self.lm, requests, templates, h.layer, most=h.pool_max)
         return pooled, windows, None
 
     def subjects(self, keys: torch.Tensor, theta: torch.Tensor | float, windows: torch.Tensor | None,
-                 pooled: torch.Tensor | None, tokens: torch.Tensor | None = None) -> gate.StoredSubjects:
+                 pooled: torch.Tensor | None, tokens: TokenKeys | None = None) -> gate.StoredSubjects:
         """The gate's subject side for these keys under this editor's hparams."""
         h = self.hparams
-        shift = h.gamma - h.pool_gamma if pooled is not None else h.gamma - h.token_gamma if tokens is not None else 0.0
-        return gate.StoredSubjects(keys, theta, windows, pooled, shift, tokens)
+        stored = None if tokens is None else gate.StoredTokens(
+            tokens.keys, tokens.windows, tokens.facts, h.gamma - h.token_gamma, h.gamma - h.single_gamma)
+        return gate.StoredSubjects(keys, theta, windows, pooled, h.gamma - h.pool_gamma if pooled is not None else 0.0,
+                                   stored)
 
     def trace_gate(self, k: GateKeys) -> tuple[gate.Gate, int, torch.Tensor]:
         """Install a gate holding ``k`` with zero residuals (the model's output stays the base
@@ -314,11 +315,11 @@ class NeuralDBEditor(Editor):
     def radii(self, requests: list[EditRequest], keys: torch.Tensor,
               windows: torch.Tensor | None = None) -> torch.Tensor | None:
         """``[F]`` per-fact thresholds above γ: with ``gate="radius"`` the look-alike radii of facts
-        with keys ``[F, d_ff]`` (computed on the base model); with ``key="dual"`` or ``"tokens"`` ``single_gamma``
+        with keys ``[F, d_ff]`` (computed on the base model); with ``key="dual"`` ``single_gamma``
         for a fact whose subject is one token (``windows`` ``[F]`` = 1: no pool to check), none
         (−1) for the others; else None."""
         h = self.hparams
-        if h.key in ("dual", "tokens") and windows is not None:
+        if h.key == "dual" and windows is not None:
             return torch.where(windows == 1, torch.tensor(h.single_gamma), torch.tensor(NO_RADIUS))
         if h.gate != "radius":
             return None
@@ -331,7 +332,7 @@ class NeuralDBEditor(Editor):
 
     def install(self) -> gate.Gate:
         h, s = self.hparams, self.store
-        subjects = self.subjects(s.keys, s.thresholds(), s.windows, s.pooled_keys, s.token_keys)
+        subjects = self.subjects(s.keys, s.thresholds(), s.windows, s.pooled_keys, s.tokens)
         if h.gate == "relation" and s.relation is not None:
             return gate.install_relation(self.lm.model, self.path, self.lm.arch.w_out_path(h.relation_layer),
                                          subjects, s.relation, s.relation_keys, s.residuals, h.relation_gamma)
@@ -383,9 +384,9 @@ class NeuralDBEditor(Editor):
                 store.relation is not None and store.relation.layer != hparams.relation_layer):
             raise StoreError(f"{path} is corrupt: its gate ({hparams.gate}, relation layer "
                              f"{hparams.relation_layer}) does not match its relation map")
-        if (hparams.key != "last") != (store.windows is not None) or (
+        if (hparams.key in ("pooled", "dual")) != (store.windows is not None) or (
                 (hparams.key == "dual") != (store.pooled_keys is not None)) or (
-                (hparams.key == "tokens") != (store.token_keys is not None)):
+                (hparams.key == "tokens") != (store.tokens is not None)):
             raise StoreError(f"{path} is corrupt: its keys ({hparams.key}) do not match its windows, pooled and "
                              "token keys")
         editor = cls(lm, hparams, store)

@@ -10,8 +10,9 @@ residuals then sit at the relation layer; with pooled subject keys (``key="poole
 :func:`neuraldb.gate.window_cosines`; with both keys (``key="dual"``), format 5 holds ``keys`` of the
 subject's last token, ``pooled_keys`` ``[m, d_ff]`` unit-norm and ``windows``, and the relation
 gate's tensors when it has a relation map; with token keys (``key="tokens"``), format 6 holds ``keys``
-of the subject's last token, ``windows`` and ``token_keys`` ``[Σ(w−1), d_ff]`` unit-norm, the keys of
-each fact's earlier subject tokens, see :func:`neuraldb.gate.token_cosines`) and ``store.json`` (format version, edit layer, γ,
+of the subject's last token and the earlier subject tokens' keys in forms (one per tokenisation of
+the subject): ``token_windows`` ``[C]`` and ``token_facts`` ``[C]`` int64, ``token_keys``
+``[Σ(w−1), d_ff]`` unit-norm, see :class:`neuraldb.keys.TokenKeys`) and ``store.json`` (format version, edit layer, γ,
 hyperparameters, context templates, model name and fingerprint, the fact records in column order,
 and the sha256 of the tensor file). Same contents → same bytes.
 """
@@ -26,6 +27,7 @@ import torch
 
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_artifact, write_artifact
+from neuraldb.keys import TokenKeys
 from neuraldb.relation import RelationMap
 
 FORMAT = "neuraldb-store/2"
@@ -52,8 +54,8 @@ class FactStore:
         :meth:`thresholds` (γ, or the fact's radius when that is higher). ``windows``: ``[m]``
         int64 in a store of pooled or dual keys (each pool's token count), None in the others;
         ``pooled_keys``: ``[m, d_ff]`` unit-norm in a store of dual keys, None in the others;
-        ``token_keys``: ``[Σ(w−1), d_ff]`` unit-norm in a store of token keys (fact by fact, each
-        fact's w − 1 earlier subject tokens), None in the others.
+        ``tokens``: the earlier subject tokens' keys (:class:`neuraldb.keys.TokenKeys`) in a store
+        of token keys, None in the others.
     """
 
     model_name: str
@@ -73,7 +75,7 @@ class FactStore:
     relation_keys: torch.Tensor = None  # type: ignore[assignment]
     windows: torch.Tensor | None = None
     pooled_keys: torch.Tensor | None = None
-    token_keys: torch.Tensor | None = None
+    tokens: TokenKeys | None = None
 
     def __post_init__(self) -> None:
         if self.relation_keys is None:
@@ -106,12 +108,12 @@ class FactStore:
     def add(self, facts: list[EditRequest], keys: torch.Tensor, residuals: torch.Tensor, replace: bool = False,
             radii: torch.Tensor | None = None, relation_keys: torch.Tensor | None = None,
             windows: torch.Tensor | None = None, pooled_keys: torch.Tensor | None = None,
-            token_keys: torch.Tensor | None = None) -> None:
+            tokens: TokenKeys | None = None) -> None:
         """Append facts (keys are normalised here; ``radii`` ``[F]``, None: no radius;
         ``relation_keys`` ``[F, r]``, required when the store has a relation map; ``windows`` ``[F]``,
         required in a store of pooled or dual keys and refused in the others; ``pooled_keys``
-        ``[F, d_ff]``, required in a store of dual keys and refused in the others; ``token_keys``
-        ``[Σ(windows − 1), d_ff]``, likewise for a store of token keys); an existing id is
+        ``[F, d_ff]``, required in a store of dual keys and refused in the others; ``tokens``, with
+        facts numbered 0 … F−1, likewise for a store of token keys); an existing id is
         replaced only with ``replace``."""
         if (windows is None) != (self.windows is None):
             raise StoreError("a store of pooled keys needs every fact's window, and only such a store takes them")
@@ -122,11 +124,10 @@ class FactStore:
         if pooled_keys is not None and pooled_keys.shape != (len(facts), self.d_ff):
             raise StoreError(f"shape mismatch: {len(facts)} facts, pooled keys {tuple(pooled_keys.shape)}, "
                              f"store d_ff={self.d_ff}")
-        if (token_keys is None) != (self.token_keys is None):
+        if (tokens is None) != (self.tokens is None):
             raise StoreError("a store of token keys needs every fact's token keys, and only such a store takes them")
-        if token_keys is not None and token_keys.shape != (_token_rows(windows), self.d_ff):  # type: ignore[arg-type]
-            raise StoreError(f"shape mismatch: windows of {_token_rows(windows)} earlier tokens, "  # type: ignore[arg-type]
-                             f"token keys {tuple(token_keys.shape)}, store d_ff={self.d_ff}")
+        if tokens is not None and (problem := tokens.check(len(facts), self.d_ff)):
+            raise StoreError(f"token keys of {len(facts)} facts: {problem}")
         if radii is None:
             radii = torch.full((len(facts),), NO_RADIUS)
         rank = 0 if self.relation is None else self.relation.rank
@@ -157,17 +158,14 @@ class FactStore:
         if self.pooled_keys is not None:  # then ``pooled_keys`` is given (checked above)
             self.pooled_keys = torch.cat([self.pooled_keys,
                                           torch.nn.functional.normalize(pooled_keys.float(), dim=1)])  # type: ignore[union-attr]
-        if self.token_keys is not None:  # then ``token_keys`` is given (checked above)
-            self.token_keys = torch.cat([self.token_keys,
-                                         torch.nn.functional.normalize(token_keys.float(), dim=1)])  # type: ignore[union-attr]
+        if self.tokens is not None:  # then ``tokens`` is given (checked above)
+            self.tokens = self.tokens.cat(tokens, len(self.facts) - len(facts))  # type: ignore[arg-type]
 
     def remove(self, fact_ids: list[str]) -> None:
         drop = {self.index(i) for i in fact_ids}
         keep = [i for i in range(len(self)) if i not in drop]
-        if self.token_keys is not None:  # before windows change: the rows of the kept facts' tokens
-            spans = (self.windows - 1).tolist()  # type: ignore[operator]
-            starts = [sum(spans[:i]) for i in range(len(spans))]
-            self.token_keys = self.token_keys[[r for i in keep for r in range(starts[i], starts[i] + spans[i])]]
+        if self.tokens is not None:
+            self.tokens = self.tokens.select(keep)
         self.facts = [self.facts[i] for i in keep]
         self.keys = self.keys[keep]
         self.residuals = self.residuals[keep]
@@ -193,7 +191,7 @@ class FactStore:
         return bool((self.radii != NO_RADIUS).any())
 
     def format(self) -> str:
-        if self.token_keys is not None:
+        if self.tokens is not None:
             return FORMAT_TOKENS
         if self.pooled_keys is not None:
             return FORMAT_DUAL
@@ -217,14 +215,15 @@ class FactStore:
         """Write the store folder atomically: a complete new folder replaces the old one."""
         try:
             tensors = {"keys": self.keys, "residuals": self.residuals}
-            if self.has_radii() or self.relation is not None or self.windows is not None:
+            if self.has_radii() or self.relation is not None or self.windows is not None or self.tokens is not None:
                 tensors["radii"] = self.radii
             if self.windows is not None:
                 tensors["windows"] = self.windows
             if self.pooled_keys is not None:
                 tensors["pooled_keys"] = self.pooled_keys
-            if self.token_keys is not None:
-                tensors["token_keys"] = self.token_keys
+            if self.tokens is not None:
+                tensors |= {"token_keys": self.tokens.keys, "token_windows": self.tokens.windows,
+                            "token_facts": self.tokens.facts}
             if self.relation is not None:
                 tensors |= {"relation_keys": self.relation_keys} | self.relation.tensors()
             write_artifact(path, "store.json", self.meta(), tensors)
@@ -241,7 +240,7 @@ class FactStore:
             raise StoreError(f"{path} is corrupt: a {meta['format']} store without its radii tensor")
         windows = _windows(path, meta, t)
         pooled = _unit_tensor(path, meta, t, FORMAT_DUAL, "pooled_keys")
-        tokens = _unit_tensor(path, meta, t, FORMAT_TOKENS, "token_keys")
+        tokens = _tokens(path, meta, t)
         relation = _relation(path, meta, t)
         radii = t.get("radii")
         if radii is not None and not bool(torch.isfinite(radii.float()).all()):
@@ -257,14 +256,14 @@ class FactStore:
                 or store.relation_keys.shape != (len(store), 0 if relation is None else relation.rank)
                 or (windows is not None and windows.shape != (len(store),))
                 or (pooled is not None and pooled.shape != store.keys.shape)
-                or (tokens is not None and tokens.shape != (_token_rows(windows), store.d_ff))):  # type: ignore[arg-type]
+                or (tokens is not None and tokens.check(len(store), store.d_ff) is not None)):
             raise StoreError(f"{path} is corrupt: tensor shapes do not match its {len(store)} facts")
         return store
 
 
 def _windows(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The windows of a format-4, -5 or -6 store (None for the others), checked."""
-    if meta["format"] not in (FORMAT_POOLED, FORMAT_DUAL, FORMAT_TOKENS):
+    """The windows of a format-4 or -5 store (None for the others), checked."""
+    if meta["format"] not in (FORMAT_POOLED, FORMAT_DUAL):
         return None
     if "windows" not in t:
         raise StoreError(f"{path} is corrupt: a {meta['format']} store without its windows tensor")
@@ -287,9 +286,14 @@ def _unit_tensor(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tens
     return t[name].float()
 
 
-def _token_rows(windows: torch.Tensor) -> int:
-    """How many earlier-token keys facts with these windows ``[m]`` hold: Σ(w − 1)."""
-    return int((windows - 1).sum())
+def _tokens(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> TokenKeys | None:
+    """The token keys of a format-6 store (None for the others); checked against the facts by
+    :meth:`FactStore.load`."""
+    if meta["format"] != FORMAT_TOKENS:
+        return None
+    if missing := [n for n in ("token_keys", "token_windows", "token_facts") if n not in t]:
+        raise StoreError(f"{path} is corrupt: a {FORMAT_TOKENS} store without its {missing[0]} tensor")
+    return TokenKeys(t["token_keys"].float(), t["token_windows"], t["token_facts"])
 
 
 def _relation(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> RelationMap | None:

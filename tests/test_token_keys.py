@@ -9,7 +9,7 @@ import torch
 
 from neuraldb import gate
 from neuraldb.facts import EditRequest
-from neuraldb.keys import token_keys
+from neuraldb.keys import TokenKeys, token_keys
 from neuraldb.neuraldb_editor import NeuralDBEditor
 from neuraldb.prompts import encode_with_subject
 from neuraldb.store import FactStore, StoreError
@@ -36,19 +36,25 @@ def test_token_cosines_take_the_lowest_aligned_cosine_without_the_sink():
     assert torch.allclose(low[:, 5, 2], u[:, 4] @ tokens[2])
     assert torch.allclose(low[:, 2, 1], u[:, 1] @ tokens[0]), "token 0 (the sink) is left out"
     assert (low[:, 0, 1:] == -2).all() and (low[:, 1, 1] == -2).all(), "a window that does not fit never fires"
-    keys = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
-    got = gate.subject_cosines(x, keys, tokens=tokens, token_layout=gate.token_groups(windows), shift=0.1)
-    assert torch.equal(got, torch.minimum(u @ keys.T, low + 0.1))
+    keys = torch.nn.functional.normalize(torch.randn(2, 32), dim=1)
+    facts = torch.tensor([0, 0, 1])  # fact 0 has two forms (one token, three tokens), fact 1 one
+    got = gate.subject_cosines(x, keys, tokens=gate.StoredTokens(tokens, windows, facts, 0.1, -0.2))
+    cos = u @ keys.T
+    forms = torch.stack([cos[..., 0] - 0.2, torch.minimum(cos[..., 0], low[..., 1] + 0.1),
+                         torch.minimum(cos[..., 1], low[..., 2] + 0.1)], -1)
+    assert torch.equal(got, torch.stack([forms[..., :2].amax(-1), forms[..., 2]], -1)), \
+        "a fact scores its best form; a one-token form its cosine shifted by γ − single_gamma"
 
 
 def test_token_keys_are_what_the_gate_reads_before_the_subjects_last_token():
     lm = tiny_model("llama")
-    keys, windows = token_keys(lm, [A_IN, C_IN], ["{}"], 1)  # the bare prompt alone: the gate reads the same keys
-    assert windows.tolist() == [encode_with_subject(lm.tokenizer, r.template, r.subject).subject_tokens
-                                for r in (A_IN, C_IN)]
-    assert keys.shape == (int((windows - 1).sum()), lm.arch.d_ff)
+    tk = token_keys(lm, [A_IN, C_IN], ["{}"], 1)  # the bare prompt alone: one form, the keys the gate reads
+    assert tk.facts.tolist() == [0, 1] and tk.check(2, lm.arch.d_ff) is None
+    assert tk.windows.tolist() == [encode_with_subject(lm.tokenizer, r.template, r.subject).subject_tokens
+                                   for r in (A_IN, C_IN)]
+    stored = gate.StoredTokens(tk.keys, tk.windows, tk.facts, 2.0, 0.0)
     g = gate.install(lm.model, lm.arch.w_out_path(1),
-                     gate.StoredSubjects(torch.zeros(2, lm.arch.d_ff), -3.0, windows, tokens=keys, shift=2.0),
+                     gate.StoredSubjects(torch.zeros(2, lm.arch.d_ff), -3.0, tokens=stored),
                      torch.zeros(2, lm.arch.d_model))
     try:
         for j, r in enumerate((A_IN, C_IN)):
@@ -59,9 +65,21 @@ def test_token_keys_are_what_the_gate_reads_before_the_subjects_last_token():
             f, g.trace = g.trace[0], None
             # score min(cos(k, 0) = 0, lowest aligned cosine + 2): each place read back at cosine 1
             assert float(f.cosine[0, e.subject_last].max()) == pytest.approx(0.0, abs=1e-6)
-            assert token_keys(lm, [r], ["{}"], 1, most=2)[1].tolist() == [2], "pool_max caps the window"
+            assert token_keys(lm, [r], ["{}"], 1, most=2).windows.tolist() == [2], "pool_max caps the window"
     finally:
         gate.unload(lm.model)
+
+
+def test_a_subject_tokenised_two_ways_has_two_forms():
+    lm = tiny_model("llama")
+    opening = EditRequest("o", "{} plays the sport of", "Jordan Lee Jordan", " chess", " basketball")
+    tk = token_keys(lm, [A_IN, opening], ["{}", "Some text. {}"], 1)
+    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Jordan", " Jordan")]
+    assert len(ids[0]) > 1 and len(ids[1]) == 1, "the tiny tokenizer splits the opening word differently"
+    assert tk.facts.tolist() == [0, 1, 1], "inside a sentence one form; opening the prompt, a second"
+    assert tk.check(2, lm.arch.d_ff) is None
+    again = tk.select([1])
+    assert again.facts.tolist() == [0, 0] and torch.equal(again.keys, tk.keys[int(tk.windows[0]) - 1:])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -75,7 +93,7 @@ def test_a_near_namesake_does_not_fire_and_the_base_comes_back(arch, tmp_path):
     ed = NeuralDBEditor(lm, HP.replace(key="tokens", token_gamma=0.9))
     ed.edit([A_IN, B_IN, C_IN])
     s = ed.store
-    assert s.token_keys is not None and s.pooled_keys is None and (s.windows > 1).all()
+    assert s.tokens is not None and s.pooled_keys is None and s.windows is None and (s.tokens.windows > 1).all()
     assert fired(ed, A_IN.prompt) == [0] and fired(ed, B_IN.prompt) == [1] and fired(ed, C_IN.prompt) == [2]
     assert fired(ed, STRANGER) == [], "Toko Jordan shares only ' Jordan'"
     assert fired(ed, NAMESAKE) == [], "Anna Kim Jordan differs from Anna Lee Jordan in one token"
@@ -92,8 +110,8 @@ def test_a_near_namesake_does_not_fire_and_the_base_comes_back(arch, tmp_path):
     assert (tmp_path / "s" / tensors).read_bytes() == (tmp_path / "t" / tensors).read_bytes()
     again.remove(["b"])  # the token keys of the facts kept stay theirs
     assert fired(again, A_IN.prompt) == [0] and fired(again, C_IN.prompt) == [1]
-    assert torch.equal(again.store.token_keys, torch.cat([s.token_keys[: int(s.windows[0]) - 1],
-                                                          s.token_keys[-(int(s.windows[2]) - 1):]]))
+    kept = s.tokens.select([0, 2])
+    assert torch.equal(again.store.tokens.keys, kept.keys) and again.store.tokens.facts.tolist() == [0, 1]
     again.remove(["a", "c"])
     assert torch.equal(logits(lm, A_IN.prompt), base_a), "every fact removed: the base logits bit for bit"
     again.restore()
@@ -107,13 +125,16 @@ def test_a_token_store_refuses_missing_or_misshapen_token_keys(tmp_path):
     fact = [EditRequest("c", "{} is", "Rome", " x")]
     key, res = torch.ones(1, lm.arch.d_ff), torch.zeros(1, lm.arch.d_model)
     with pytest.raises(StoreError, match="token keys"):
-        store.add(fact, key, res, windows=torch.tensor([1]))
-    with pytest.raises(StoreError, match="token keys"):
-        store.add(fact, key, res, windows=torch.tensor([3]), token_keys=torch.ones(1, lm.arch.d_ff))
+        store.add(fact, key, res)
+    one = torch.tensor([3])
+    with pytest.raises(StoreError, match="one row per earlier token"):
+        store.add(fact, key, res, tokens=TokenKeys(torch.ones(1, lm.arch.d_ff), one, torch.tensor([0])))
+    with pytest.raises(StoreError, match="name each of the 1 facts"):
+        store.add(fact, key, res, tokens=TokenKeys(torch.ones(2, lm.arch.d_ff), one, torch.tensor([1])))
     with pytest.raises(ValueError, match="key=tokens works with gate=cosine"):
         HP.replace(key="tokens", gate="relation").validate(lm)
     with pytest.raises(ValueError, match="token_gamma"):
         HP.replace(key="tokens", token_gamma=1.0).validate(lm)
     ed.save(tmp_path / "s")
-    assert FactStore.load(tmp_path / "s").token_keys.shape == (int(store.windows[0]) - 1, lm.arch.d_ff)
+    assert FactStore.load(tmp_path / "s").tokens.check(1, lm.arch.d_ff) is None
     ed.restore()
