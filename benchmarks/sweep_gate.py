@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from dataclasses import replace
 
 import torch
@@ -51,6 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evals import datasets, knowedit
+from evals.explain import ORDER, cause_of, why_fired, worse
 from evals.firing import Group, fired, rates, scored_rows, trace_groups
 from evals.metrics import CaseScores, ZsreCase, counterfact_metrics, zsre_metrics
 from neuraldb import models, radius
@@ -77,7 +79,10 @@ def simulate(mine: list[Group], run: list[Group], theta: torch.Tensor, run_theta
     return out
 
 
-def scores_under(rule: Rule, run: Rule, cases: dict, requests: list[EditRequest]) -> dict:
+def scores_under(rule: Rule, run: Rule, cases: dict, requests: list[EditRequest], kind: str, tok: object) -> dict:
+    """Efficacy, generalisation, specificity (and KnowEdit's locality) of ``rule`` replayed on the
+    run's ``cases`` (:func:`simulate`), and its worse neighbourhood prompts by the cause of the
+    firing behind them (:mod:`evals.explain`'s classes)."""
     (traced, theta), (run_traced, run_theta) = rule, run
     pre = {c["id"]: c for c in cases["pre"]}
     post = {c["id"]: c for c in cases["neuraldb"]}
@@ -87,11 +92,16 @@ def scores_under(rule: Rule, run: Rule, cases: dict, requests: list[EditRequest]
     def sim(fam: str, i: int, s0: list, s1: list) -> list:
         return simulate(traced[fam][i], run_traced[fam][i], theta, run_theta, s0, s1, counts)
 
+    subjects, flipped = [r.subject for r in requests], Counter[str]()
     for i, r in enumerate(requests):
         c0, c1 = pre[r.id], post[r.id]
         rw = sim("rewrite", i, [c0["rewrite"]], [c1["rewrite"]])[0]
         para = sim("paraphrase", i, c0["paraphrase"], c1["paraphrase"])
         neigh = sim("neighborhood", i, c0["neighborhood"], c1["neighborhood"])
+        for j, (before, after) in enumerate(zip(c0["neighborhood"], neigh)):  # worse neighbours, by cause
+            if worse(kind, before, after):
+                flipped[cause_of(why_fired(traced["neighborhood"][i][j], -1, theta, r.locality[j][0], subjects,
+                                           tok, False))] += 1
         if isinstance(rw, (int, float)):  # ZsRE: token accuracies
             out.append(ZsreCase(float(rw), tuple(para), tuple(neigh)))
         else:
@@ -104,7 +114,8 @@ def scores_under(rule: Rule, run: Rule, cases: dict, requests: list[EditRequest]
     if simulated:
         ke = knowedit.metrics(simulated, cases["pre"])
         got |= {k: v for k, v in ke.items() if k.startswith("locality_")}
-    return got | {"cases": counts}
+    return got | {"cases": counts, "neighborhood_worse": {"total": sum(flipped.values())} | {
+        k: flipped[k] for k in (*ORDER, "none")}}
 
 
 def trace(editor: NeuralDBEditor, gk: GateKeys, kind: str, requests: list[EditRequest]) -> tuple[Traced, torch.Tensor]:
@@ -215,7 +226,8 @@ def main() -> None:
     if args.cases:
         with open(args.cases) as f:
             cases = json.load(f)
-        result["simulated"] = {name: scores_under(rule, run, cases, requests) for name, rule in rules.items()}
+        result["simulated"] = {name: scores_under(rule, run, cases, requests, spec.kind, lm.tokenizer)
+                               for name, rule in rules.items()}
     write_json(args.out, result)
     show(result)
 
@@ -229,7 +241,8 @@ def show(result: dict) -> None:
     loc = sorted({k for s in (sim or {}).values() for k in s if k.startswith("locality_")})
     t = Table(title=f"gate rules on {result['dataset']} ({result['facts']} facts, gate {result['gate']})")
     for c in ("rule", "own fires: edit", "paraphrase", "neighbour fires", "same ending", "foreign on edit (digit)",
-              *(("Efficacy", "Generalization", "Specificity", *loc, "partial") if sim else ())):
+              *(("Efficacy", "Generalization", "Specificity", *loc, "worse (shared last word)", "partial")
+                if sim else ())):
         t.add_column(c, justify="left" if c == "rule" else "right")
     for name, r in result["rates"].items():
         row = [name, f"{r['rewrite_own_fires_pct']:.1f}", f"{r['paraphrase_own_fires_pct']:.1f}",
@@ -238,6 +251,8 @@ def show(result: dict) -> None:
         if sim:
             s = sim[name]
             row += [_pct(s.get(k)) for k in ("efficacy", "generalization", "specificity", *loc)]
+            w = s.get("neighborhood_worse", {})
+            row.append(f"{w.get('total', 'n/a')} ({w.get('shared_last_word', 'n/a')})")
             row.append(str(s["cases"]["partial"]))
         t.add_row(*row)
     Console().print(t)

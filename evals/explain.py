@@ -74,17 +74,17 @@ def store_of(lm: LoadedModel, result: dict[str, Any], editor: str = "neuraldb") 
     return records, ed, ed.gate_keys([r.request for r in records])
 
 
-def _why(group: Group, own: int, theta: torch.Tensor, prompt: str, subjects: list[str], tok: Any,
+def why_fired(group: Group, own: int, theta: torch.Tensor, prompt: str, subjects: list[str], tok: Any,
          relation: bool) -> set[str]:
     return {LABEL[k.rsplit("_", 1)[0]] for t in group
             for k in kinds(t, own, theta, prompt, subjects, tok, ending_anywhere=relation)}
 
 
-def _cause(why: set[str]) -> str:
+def cause_of(why: set[str]) -> str:
     return next((k for k in ORDER if k in why), "none")
 
 
-def _worse(kind: str, before: Any, after: Any, tol: float = 1e-4) -> bool:
+def worse(kind: str, before: Any, after: Any, tol: float = 1e-4) -> bool:
     if kind == "zsre":
         return after < before - tol
     (n0, t0), (n1, t1) = before, after
@@ -118,7 +118,7 @@ def explain(lm: LoadedModel, result: dict[str, Any], cases: dict[str, Any] | Non
                                           "raised": int((gk.theta > gamma).sum())}, "families": {}}
     # on neighbourhood prompts the cause is what matters (own=-1): the record's own fact firing on
     # another question about its subject is same_subject, on a look-alike shared_last_word
-    why = {fam: [[_why(gr, -1 if fam == "neighborhood" else i, theta, p, subjects, tok, relation)
+    why = {fam: [[why_fired(gr, -1 if fam == "neighborhood" else i, theta, p, subjects, tok, relation)
                   for gr, p in zip(traced[fam][i], prompts[fam][i])] for i in range(m)] for fam in rows}
     for fam in rows:
         flat = [w for ws in why[fam] for w in ws]
@@ -145,9 +145,9 @@ def _against_cases(kind: str, cases: dict[str, Any], editor: str, requests: list
         if not _hit(kind, post[r.id]["rewrite"]):
             missed["own_fact_did_not_fire" if "own" not in why["rewrite"][i][0] else "fired_not_enough"] += 1
         for j, (before, after) in enumerate(zip(pre[r.id]["neighborhood"], post[r.id]["neighborhood"])):
-            if not _worse(kind, before, after):
+            if not worse(kind, before, after):
                 continue
-            cause = _cause(why["neighborhood"][i][j])
+            cause = cause_of(why["neighborhood"][i][j])
             flipped[cause] += 1
             if len(examples) < n_examples and cause != "none":
                 hits = [(t, p) for t in traced["neighborhood"][i][j] for p in t.scored()

@@ -105,14 +105,15 @@ def token_groups(windows: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.T
 
 
 def token_cosines(x: torch.Tensor, tokens: torch.Tensor, groups: list[tuple[int, torch.Tensor, torch.Tensor]],
-                  n_forms: int) -> torch.Tensor:
+                  n_forms: int, skip: int = 1) -> torch.Tensor:
     """``[b, t, C]``: per token t and form c, the lowest cosine of the tokens before t with form c's
     subject tokens aligned from the end (``x`` ``[b, t, d_ff]``; ``tokens`` ``[Σ(w−1), d_ff]``
     unit-norm, :class:`neuraldb.keys.TokenKeys`; ``groups``: :func:`token_groups`): the min over
-    ``back`` = 1 … w_c − 1 of cos(x[t − back], tokens_c[back]). A place on the call's first token
-    (the attention sink) is left out; where the window does not fit in the call (t < w_c − 1) the
-    score is −2 (never fires); a form of one token (nothing to check) gets +inf. One matmul per
-    place, none per form or token."""
+    ``back`` = 1 … w_c − 1 of cos(x[t − back], tokens_c[back]). A place on the call's first ``skip``
+    tokens is left out (the first is the attention sink, whose key is every token's; the next few
+    attend mostly to it); where the window does not fit in the call (t < w_c − 1) the score is −2
+    (never fires); a form of one token (nothing to check) gets +inf. One matmul per place, none per
+    form or token."""
     u = torch.nn.functional.normalize(x.float(), dim=-1)
     low = u.new_full((*u.shape[:-1], n_forms), float("inf"))
     n = u.shape[1]
@@ -120,7 +121,7 @@ def token_cosines(x: torch.Tensor, tokens: torch.Tensor, groups: list[tuple[int,
         c = u.new_full((u.shape[0], n, len(cols)), -2.0)
         if back < n:
             c[:, back:] = u[:, : n - back] @ tokens[rows].T
-            c[:, back] = float("inf")  # the place is the call's first token
+            c[:, back : back + skip] = float("inf")  # the place is among the call's first tokens
         low[..., cols] = torch.minimum(low[..., cols], c)
     return low
 
@@ -129,14 +130,16 @@ def token_cosines(x: torch.Tensor, tokens: torch.Tensor, groups: list[tuple[int,
 class StoredTokens:
     """The token side of ``key="tokens"`` on the gate's device: the forms' keys ``[Σ(w−1), d_ff]``,
     windows ``[C]`` and facts ``[C]`` (:class:`neuraldb.keys.TokenKeys`), their :func:`token_groups`,
-    the shift γ − ``token_gamma`` of the earlier tokens' cosines and the shift γ − ``single_gamma``
-    of a one-token form's cosine (it fires above ``single_gamma``: nothing else to check)."""
+    the shift γ − ``token_gamma`` of the earlier tokens' cosines, the shift γ − ``single_gamma``
+    of a one-token form's cosine (it fires above ``single_gamma``: nothing else to check) and the
+    number of a call's first tokens no place is read at (:func:`token_cosines`)."""
 
     keys: torch.Tensor
     windows: torch.Tensor
     facts: torch.Tensor
     shift: float
     single_shift: float
+    skip: int = 1
 
     def __post_init__(self) -> None:
         self.layout = token_groups(self.windows)
@@ -147,7 +150,7 @@ class StoredTokens:
         ``cos`` ``[..., m]``: per fact, the best of its forms, a form scoring
         ``min(cos, lowest aligned cosine + shift)`` (one token: ``cos + single_shift``)."""
         rows = x.reshape(-1, *x.shape[-2:])  # the places run along the sequence dimension
-        low = token_cosines(rows, self.keys, self.layout, len(self.windows)).reshape(*x.shape[:-1], -1)
+        low = token_cosines(rows, self.keys, self.layout, len(self.windows), self.skip).reshape(*x.shape[:-1], -1)
         at = cos[..., self.facts]
         form = torch.where(self.single, at + self.single_shift, torch.minimum(at, low + self.shift))
         best = cos.new_full(cos.shape, -2.0)
@@ -204,7 +207,7 @@ class _SubjectScores(nn.Module):
         self.windows = None if s.windows is None else s.windows.to(w.device, torch.long)
         t = s.tokens
         self.tokens = None if t is None else StoredTokens(t.keys.to(w.device, torch.float32), t.windows.to(w.device),
-                                                         t.facts.to(w.device), t.shift, t.single_shift)
+                                                         t.facts.to(w.device), t.shift, t.single_shift, t.skip)
         self.groups = None if self.windows is None else window_groups(self.windows)
         self.pooled = None if s.pooled is None else s.pooled.to(w.device, torch.float32)
         self.shift = float(s.shift)

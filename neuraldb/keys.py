@@ -205,15 +205,15 @@ class TokenKeys:
 
 @torch.no_grad()
 def token_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[str], layer: int,
-               batch_size: int = 64, most: int = 0) -> TokenKeys:
+               batch_size: int = 64, most: int = 0, skip: int = 1) -> TokenKeys:
     """The keys of each subject's tokens before its last, aligned from the end, as
     :func:`neuraldb.gate.token_cosines` reads them at inference (:class:`TokenKeys`).
 
     A fact's rows (its prompt under each context template) are grouped by how they tokenise the
     subject; each tokenisation is a form, in the order of its first row. A form's window is its
     subject's token count (at most ``most``; 0: no limit), shortened to the places some row has a
-    key for: a place is read in every row of the form where it is not the row's first token (the
-    attention sink), and the rows are averaged as :func:`neuraldb.targets.average_keys` does (½·bare
+    key for: a place is read in every row of the form where it is not among the row's first ``skip``
+    tokens (as the gate reads them), and the rows are averaged as :func:`neuraldb.targets.average_keys` does (½·bare
     + ½·mean of the other templates, whichever the form has), then normalised."""
     out = TokenKeys.empty(lm.arch.d_ff)
     keys: list[torch.Tensor] = []
@@ -234,10 +234,10 @@ def token_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[str
                     parts = []
                     for group in ([r for r in members if r == bare], [r for r in members if r != bare]):
                         at = [unit[r, int(batch.offset[r]) + rows.encoded[r].subject_last - back]
-                              for r in group if rows.encoded[r].subject_last - back >= 1]
+                              for r in group if rows.encoded[r].subject_last - back >= skip]
                         if at:
                             parts.append(torch.stack(at).mean(0))
-                    if not parts:  # every row of the form has this place (and the ones before) at the sink
+                    if not parts:  # every row of the form has this place (and the ones before) too early
                         break
                     keys.append(torch.nn.functional.normalize(torch.stack(parts).mean(0), dim=0))
                     w = back + 1

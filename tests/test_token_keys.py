@@ -57,7 +57,7 @@ def test_token_keys_are_what_the_gate_reads_before_the_subjects_last_token():
                      gate.StoredSubjects(torch.zeros(2, lm.arch.d_ff), -3.0, tokens=stored),
                      torch.zeros(2, lm.arch.d_model))
     try:
-        for j, r in enumerate((A_IN, C_IN)):
+        for r in (A_IN, C_IN):
             e = encode_with_subject(lm.tokenizer, r.template, r.subject)
             g.trace = []
             with torch.no_grad():
