@@ -105,23 +105,28 @@ def token_groups(windows: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.T
 
 
 def token_cosines(x: torch.Tensor, tokens: torch.Tensor, groups: list[tuple[int, torch.Tensor, torch.Tensor]],
-                  n_forms: int, skip: int = 1) -> torch.Tensor:
+                  windows: torch.Tensor, first: torch.Tensor, first_gamma: float) -> torch.Tensor:
     """``[b, t, C]``: per token t and form c, the lowest cosine of the tokens before t with form c's
-    subject tokens aligned from the end (``x`` ``[b, t, d_ff]``; ``tokens`` ``[Σ(w−1), d_ff]``
-    unit-norm, :class:`neuraldb.keys.TokenKeys`; ``groups``: :func:`token_groups`): the min over
-    ``back`` = 1 … w_c − 1 of cos(x[t − back], tokens_c[back]). A place on the call's first ``skip``
-    tokens is left out (the first is the attention sink, whose key is every token's; the next few
-    attend mostly to it); where the window does not fit in the call (t < w_c − 1) the score is −2
-    (never fires); a form of one token (nothing to check) gets +inf. One matmul per place, none per
-    form or token."""
+    subject tokens aligned from the end (``x`` ``[b, t, d_ff]``; ``tokens`` ``[Σ(w−1), d_ff]``,
+    ``windows`` ``[C]``, ``first`` ``[C, d_ff]``: :class:`neuraldb.keys.TokenKeys`; ``groups``:
+    :func:`token_groups`): the min over ``back`` = 1 … w_c − 1 of cos(x[t − back], tokens_c[back]).
+
+    A place on the call's first token (the attention sink, where a key depends on the token alone
+    and any two tokens' keys are alike) is checked for identity instead: the form's first token
+    passes (+inf) where its cosine with ``first_c`` exceeds ``first_gamma``, and fails (−2)
+    otherwise, so "Third Czechoslovak Republic" opening a prompt is not "First …"; where the window
+    does not fit in the call (t < w_c − 1) the score is −2 (never fires); a form of one token
+    (nothing to check) gets +inf. One matmul per place, none per form or token."""
     u = torch.nn.functional.normalize(x.float(), dim=-1)
-    low = u.new_full((*u.shape[:-1], n_forms), float("inf"))
+    low = u.new_full((*u.shape[:-1], len(windows)), float("inf"))
     n = u.shape[1]
     for back, cols, rows in groups:
         c = u.new_full((u.shape[0], n, len(cols)), -2.0)
         if back < n:
             c[:, back:] = u[:, : n - back] @ tokens[rows].T
-            c[:, back : back + skip] = float("inf")  # the place is among the call's first tokens
+            same = (u[:, 0] @ first[cols].T) > first_gamma  # [b, |cols|]: the call opens with the form's first token
+            opens = windows[cols] == back + 1  # the place is the form's first token (else the window does not fit)
+            c[:, back] = torch.where(same | ~opens, float("inf"), -2.0)
         low[..., cols] = torch.minimum(low[..., cols], c)
     return low
 
@@ -129,28 +134,34 @@ def token_cosines(x: torch.Tensor, tokens: torch.Tensor, groups: list[tuple[int,
 @dataclass
 class StoredTokens:
     """The token side of ``key="tokens"`` on the gate's device: the forms' keys ``[Σ(w−1), d_ff]``,
-    windows ``[C]`` and facts ``[C]`` (:class:`neuraldb.keys.TokenKeys`), their :func:`token_groups`,
-    the shift γ − ``token_gamma`` of the earlier tokens' cosines, the shift γ − ``single_gamma``
-    of a one-token form's cosine (it fires above ``single_gamma``: nothing else to check) and the
-    number of a call's first tokens no place is read at (:func:`token_cosines`)."""
+    windows ``[C]``, facts ``[C]`` and first-token keys ``[C, d_ff]`` (:class:`neuraldb.keys.TokenKeys`),
+    their :func:`token_groups`, the shift γ − ``token_gamma`` of the earlier tokens' cosines, the
+    shift γ − ``single_gamma`` of a one-token form's cosine (it fires above ``single_gamma``: nothing
+    else to check) and ``first_gamma``, the identity threshold of a first token at the call's start."""
 
     keys: torch.Tensor
     windows: torch.Tensor
     facts: torch.Tensor
+    first: torch.Tensor
     shift: float
     single_shift: float
-    skip: int = 1
+    first_gamma: float
 
     def __post_init__(self) -> None:
         self.layout = token_groups(self.windows)
         self.single = self.windows == 1
+
+    def to(self, device: torch.device) -> StoredTokens:
+        return StoredTokens(self.keys.to(device, torch.float32), self.windows.to(device), self.facts.to(device),
+                            self.first.to(device, torch.float32), self.shift, self.single_shift, self.first_gamma)
 
     def scores(self, x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         """Fact scores ``[..., m]`` from token keys ``x`` ``[..., d_ff]`` and their last-token cosines
         ``cos`` ``[..., m]``: per fact, the best of its forms, a form scoring
         ``min(cos, lowest aligned cosine + shift)`` (one token: ``cos + single_shift``)."""
         rows = x.reshape(-1, *x.shape[-2:])  # the places run along the sequence dimension
-        low = token_cosines(rows, self.keys, self.layout, len(self.windows), self.skip).reshape(*x.shape[:-1], -1)
+        low = token_cosines(rows, self.keys, self.layout, self.windows, self.first,
+                            self.first_gamma).reshape(*x.shape[:-1], -1)
         at = cos[..., self.facts]
         form = torch.where(self.single, at + self.single_shift, torch.minimum(at, low + self.shift))
         best = cos.new_full(cos.shape, -2.0)
@@ -205,9 +216,7 @@ class _SubjectScores(nn.Module):
         self.keys = s.keys.to(w.device, torch.float32)
         self.thresholds = torch.as_tensor(s.thresholds, dtype=torch.float32).expand(s.keys.shape[0]).to(w.device)
         self.windows = None if s.windows is None else s.windows.to(w.device, torch.long)
-        t = s.tokens
-        self.tokens = None if t is None else StoredTokens(t.keys.to(w.device, torch.float32), t.windows.to(w.device),
-                                                         t.facts.to(w.device), t.shift, t.single_shift, t.skip)
+        self.tokens = None if s.tokens is None else s.tokens.to(w.device)
         self.groups = None if self.windows is None else window_groups(self.windows)
         self.pooled = None if s.pooled is None else s.pooled.to(w.device, torch.float32)
         self.shift = float(s.shift)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -157,16 +157,20 @@ class TokenKeys:
     ir" inside a sentence, "J ah ang ir" opening one) has one form per tokenisation, and a fact matches
     where any of its forms does. ``facts`` ``[C]``: the fact (0 … F−1, ascending) of each form;
     ``windows`` ``[C]``: each form's token count w (its last token is the fact's last-token key);
-    ``keys`` ``[Σ(w−1), d_ff]`` unit-norm: form by form, the tokens 1, 2, … w−1 places before the
-    subject's last (:func:`neuraldb.gate.token_cosines`)."""
+    ``keys`` ``[Σ(w−1), d_ff]``: form by form, the tokens 1, 2, … w−1 places before the subject's
+    last, unit-norm (zero for a place seen only as a prompt's first token); ``first`` ``[C, d_ff]``
+    unit-norm: the key of each form's first token as a call's first token, where a key depends on
+    the token alone (:func:`neuraldb.gate.token_cosines`)."""
 
     keys: torch.Tensor
     windows: torch.Tensor
     facts: torch.Tensor
+    first: torch.Tensor
 
     @classmethod
     def empty(cls, d_ff: int) -> TokenKeys:
-        return cls(torch.zeros(0, d_ff), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        return cls(torch.zeros(0, d_ff), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                   torch.zeros(0, d_ff))
 
     def spans(self) -> list[tuple[int, int]]:
         """Each form's rows in ``keys``: ``(start, stop)``."""
@@ -181,13 +185,13 @@ class TokenKeys:
         spans = self.spans()
         rows = [r for c in cols for r in range(*spans[c])]
         return TokenKeys(self.keys[rows], self.windows[cols],
-                         torch.tensor([new[f] for f in self.facts[cols].tolist()], dtype=torch.long))
+                         torch.tensor([new[f] for f in self.facts[cols].tolist()], dtype=torch.long), self.first[cols])
 
     def cat(self, other: TokenKeys, offset: int) -> TokenKeys:
         """These forms followed by ``other``'s, whose facts are numbered from ``offset``."""
-        return TokenKeys(torch.cat([self.keys, torch.nn.functional.normalize(other.keys.float(), dim=1)]),
-                         torch.cat([self.windows, other.windows.long()]),
-                         torch.cat([self.facts, other.facts.long() + offset]))
+        return TokenKeys(torch.cat([self.keys, other.keys.float()]), torch.cat([self.windows, other.windows.long()]),
+                         torch.cat([self.facts, other.facts.long() + offset]),
+                         torch.cat([self.first, other.first.float()]))
 
     def check(self, n_facts: int, d_ff: int) -> str | None:
         """What is wrong with these forms for a store of ``n_facts`` facts (None: nothing)."""
@@ -200,51 +204,78 @@ class TokenKeys:
             return f"token facts must name each of the {n_facts} facts"
         if self.keys.shape != (int((w - 1).sum()), d_ff) or not bool(torch.isfinite(self.keys).all()):
             return "token keys must be finite, one row per earlier token of each form"
+        if self.first.shape != (len(w), d_ff) or not bool(torch.isfinite(self.first).all()):
+            return "first-token keys must be finite, one row per form"
         return None
+
+
+Seen = dict[tuple[int, ...], tuple[list[dict[int, torch.Tensor]], list[dict[int, torch.Tensor]]]]
+
+
+def _places(unit: torch.Tensor, row: int, column: int, subject_last: int, width: int) -> dict[int, torch.Tensor]:
+    """The unit keys ``[d_ff]`` of row ``row``'s places ``back`` = 1 … width−1 before its subject's
+    last token (at ``column`` in ``unit`` ``[rows, T, d_ff]``), leaving out the row's first token."""
+    return {back: unit[row, column - back] for back in range(1, width) if subject_last - back >= 1}
 
 
 @torch.no_grad()
 def token_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[str], layer: int,
-               batch_size: int = 64, most: int = 0, skip: int = 1) -> TokenKeys:
+               batch_size: int = 64, most: int = 0) -> TokenKeys:
     """The keys of each subject's tokens before its last, aligned from the end, as
     :func:`neuraldb.gate.token_cosines` reads them at inference (:class:`TokenKeys`).
 
-    A fact's rows (its prompt under each context template) are grouped by how they tokenise the
-    subject; each tokenisation is a form, in the order of its first row. A form's window is its
-    subject's token count (at most ``most``; 0: no limit), shortened to the places some row has a
-    key for: a place is read in every row of the form where it is not among the row's first ``skip``
-    tokens (as the gate reads them), and the rows are averaged as :func:`neuraldb.targets.average_keys` does (½·bare
-    + ½·mean of the other templates, whichever the form has), then normalised."""
-    out = TokenKeys.empty(lm.arch.d_ff)
+    A fact is seen in its prompt under each context template and in its subject alone (which opens
+    a call, as a subject opening a question does); the rows are grouped by how they tokenise the
+    subject, and each tokenisation is a form (in the order first seen) whose window is its
+    subject's token count (at most ``most``; 0: no limit). A place's key is read in every row of
+    the form where it is not the row's first token (the attention sink, where every token's key is
+    alike), and averaged as :func:`neuraldb.targets.average_keys` does (½·bare prompt + ½·mean of
+    the other rows, whichever the form has), then normalised; a place no row has elsewhere keeps a
+    zero key (it matches nothing there). A form's first-token key is that token's key in a forward
+    of its own (position 0)."""
+    seen: list[Seen] = [{} for _ in requests]
+    alone = [replace(r, template="{}") for r in requests]
+    for reqs, ctx in ((requests, templates), (alone, ["{}"])):
+        done = 0
+        for wb in _subject_windows(lm, reqs, ctx, layer, batch_size, most):
+            rows, batch = wb.rows, wb.batch
+            for f, (bare, templated) in enumerate(zip(rows.bare, rows.templated)):
+                for r in [bare, *templated]:
+                    e = rows.encoded[r]
+                    ids = e.ids[e.subject_first : e.subject_last + 1]
+                    w = min(len(ids), most) if most else len(ids)
+                    got = _places(wb.unit, r, int(batch.offset[r]) + e.subject_last, e.subject_last, w)
+                    bare_row = r == bare and reqs is requests
+                    seen[done + f].setdefault(ids[len(ids) - w :], ([], []))[0 if bare_row else 1].append(got)
+            done += len(rows.bare)
     keys: list[torch.Tensor] = []
     windows: list[int] = []
     facts: list[int] = []
-    done = 0
-    for wb in _subject_windows(lm, requests, templates, layer, batch_size, most):
-        rows, batch, unit = wb.rows, wb.batch, wb.unit
-        for f, (bare, templated) in enumerate(zip(rows.bare, rows.templated)):
-            forms: dict[tuple[int, ...], list[int]] = {}
-            for r in [bare, *templated]:
-                e = rows.encoded[r]
-                forms.setdefault(e.ids[e.subject_first : e.subject_last + 1], []).append(r)
-            for ids, members in forms.items():
-                width = min(len(ids), most) if most else len(ids)
-                w = 1
-                for back in range(1, width):
-                    parts = []
-                    for group in ([r for r in members if r == bare], [r for r in members if r != bare]):
-                        at = [unit[r, int(batch.offset[r]) + rows.encoded[r].subject_last - back]
-                              for r in group if rows.encoded[r].subject_last - back >= skip]
-                        if at:
-                            parts.append(torch.stack(at).mean(0))
-                    if not parts:  # every row of the form has this place (and the ones before) too early
-                        break
-                    keys.append(torch.nn.functional.normalize(torch.stack(parts).mean(0), dim=0))
-                    w = back + 1
-                windows.append(w)
-                facts.append(done + f)
-        done += len(rows.bare)
-    if keys:
-        out.keys = torch.stack(keys)
-    out.windows, out.facts = torch.tensor(windows, dtype=torch.long), torch.tensor(facts, dtype=torch.long)
-    return out
+    firsts: list[int] = []
+    zero = torch.zeros(lm.arch.d_ff)
+    for f, forms in enumerate(seen):
+        for ids, groups in forms.items():
+            for back in range(1, len(ids)):
+                seen_at = ([g[back] for g in grp if back in g] for grp in groups)
+                parts = [torch.stack(at).mean(0) for at in seen_at if at]
+                keys.append(torch.nn.functional.normalize(torch.stack(parts).mean(0), dim=0) if parts else zero)
+            windows.append(len(ids))
+            facts.append(f)
+            firsts.append(ids[0])
+    d_ff = lm.arch.d_ff
+    return TokenKeys(torch.stack(keys) if keys else torch.zeros(0, d_ff), torch.tensor(windows, dtype=torch.long),
+                     torch.tensor(facts, dtype=torch.long), first_keys(lm, firsts, layer, batch_size))
+
+
+@torch.no_grad()
+def first_keys(lm: LoadedModel, token_ids: list[int], layer: int, batch_size: int = 256) -> torch.Tensor:
+    """``[len(token_ids), d_ff]`` unit-norm: each token's key at ``layer`` as the first token of a
+    forward call (there it depends on the token alone: nothing comes before it)."""
+    out = [torch.zeros(0, lm.arch.d_ff)]
+    for start in range(0, len(token_ids), batch_size):
+        ids = torch.tensor(token_ids[start : start + batch_size], dtype=torch.long)[:, None]
+        with capture(lm.model, inputs={"k": lm.arch.w_out_path(layer)}, select=lambda t: t[:, 0].float().cpu()) as got:
+            with stop_after(lm.model, lm.arch.layer_path(layer)):
+                lm.backbone(input_ids=ids.to(lm.device))
+        out.append(torch.nn.functional.normalize(got["k"], dim=-1))
+    return torch.cat(out)

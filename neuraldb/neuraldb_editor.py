@@ -58,7 +58,8 @@ class NeuralDBHparams(TargetHparams):
     :func:`neuraldb.gate.subject_cosines`; a one-token subject, which has no pool to check, fires
     above ``single_gamma`` instead of γ) or ``"tokens"`` (with the cosine gate: the last token's key
     above γ and every earlier subject token's key, aligned from the end, above ``token_gamma``, in
-    one of the subject's tokenisations, none read among a call's first ``token_skip`` tokens:
+    one of the subject's tokenisations; a first token opening a forward call, where keys are alike,
+    must be the subject's own, cosine above ``first_gamma`` with its key there:
     :func:`neuraldb.keys.token_keys`, :func:`neuraldb.gate.token_cosines`; a one-token form fires
     above ``single_gamma``); ``batch_size``: the number of facts optimised together; the residual
     optimisation and context templates:
@@ -73,7 +74,7 @@ class NeuralDBHparams(TargetHparams):
     pool_gamma: float = 0.45
     single_gamma: float = 0.75
     token_gamma: float = 0.5
-    token_skip: int = 1
+    first_gamma: float = 0.999
     radius_margin: float = 0.02
     radius_cap: float = 0.9
     relation_layer: int = 22  # the model presets set it (3/4 of the depth otherwise)
@@ -102,9 +103,8 @@ class NeuralDBHparams(TargetHparams):
             raise ValueError(f"single_gamma must be in [-1, 1), got {self.single_gamma}")
         if not -1.0 <= self.token_gamma < 1.0:
             raise ValueError(f"token_gamma must be in [-1, 1), got {self.token_gamma}")
-        if self.token_skip < 1:
-            raise ValueError(f"token_skip must be 1 or more (a call's first token is the attention sink), "
-                             f"got {self.token_skip}")
+        if not -1.0 <= self.first_gamma < 1.0:
+            raise ValueError(f"first_gamma must be in [-1, 1), got {self.first_gamma}")
         if self.gate == "radius" and not self.gamma <= self.radius_cap < 1.0:
             raise ValueError(f"radius_cap must be in [gamma, 1) = [{self.gamma}, 1), got {self.radius_cap}")
         if self.gate == "relation":
@@ -286,7 +286,7 @@ class NeuralDBEditor(Editor):
         ``key`` (None for what it does not use), on the model as it is."""
         h, templates = self.hparams, self.templates()
         if h.key == "tokens":
-            return None, None, token_keys(self.lm, requests, templates, h.layer, most=h.pool_max, skip=h.token_skip)
+            return None, None, token_keys(self.lm, requests, templates, h.layer, most=h.pool_max)
         if h.key == "last":
             return None, None, None
         pooled, windows = pooled_keys(self.lm, requests, templates, h.layer, most=h.pool_max)
@@ -297,8 +297,8 @@ class NeuralDBEditor(Editor):
         """The gate's subject side for these keys under this editor's hparams."""
         h = self.hparams
         stored = None if tokens is None else gate.StoredTokens(
-            tokens.keys, tokens.windows, tokens.facts, h.gamma - h.token_gamma, h.gamma - h.single_gamma,
-            h.token_skip)
+            tokens.keys, tokens.windows, tokens.facts, tokens.first, h.gamma - h.token_gamma,
+            h.gamma - h.single_gamma, h.first_gamma)
         return gate.StoredSubjects(keys, theta, windows, pooled, h.gamma - h.pool_gamma if pooled is not None else 0.0,
                                    stored)
 

@@ -4,12 +4,14 @@ the store keeps the earlier tokens' keys; the base model comes back bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from neuraldb import gate
 from neuraldb.facts import EditRequest
-from neuraldb.keys import TokenKeys, token_keys
+from neuraldb.keys import TokenKeys, first_keys, token_keys
 from neuraldb.neuraldb_editor import NeuralDBEditor
 from neuraldb.prompts import encode_with_subject
 from neuraldb.store import FactStore, StoreError
@@ -23,22 +25,25 @@ C_IN = EditRequest("c", "The man {} plays the sport of", "Anna Lee Jordan", " ch
 NAMESAKE = "The man Anna Kim Jordan plays the sport of"
 
 
-def test_token_cosines_take_the_lowest_aligned_cosine_without_the_sink():
+def test_token_cosines_take_the_lowest_aligned_cosine_and_check_an_opening_token_by_identity():
     torch.manual_seed(0)
     x = torch.randn(2, 7, 32)
     u = torch.nn.functional.normalize(x, dim=-1)
-    windows = torch.tensor([1, 3, 2])  # fact 1 keeps 2 earlier tokens (rows 0, 1), fact 2 one (row 2)
+    windows = torch.tensor([1, 3, 2])  # form 1 keeps 2 earlier tokens (rows 0, 1), form 2 one (row 2)
     tokens = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
-    low = gate.token_cosines(x, tokens, gate.token_groups(windows), 3)
-    assert torch.isinf(low[..., 0]).all(), "a one-token subject has nothing to check"
+    first = torch.stack([u[0, 0], u[1, 0], u[0, 0]])  # form 1 opens with row 1's first token, form 2 row 0's
+    low = gate.token_cosines(x, tokens, gate.token_groups(windows), windows, first, 0.999)
+    assert torch.isinf(low[..., 0]).all(), "a one-token form has nothing to check"
     want = torch.minimum(u[:, 4] @ tokens[0], u[:, 3] @ tokens[1])
     assert torch.allclose(low[:, 5, 1], want)
     assert torch.allclose(low[:, 5, 2], u[:, 4] @ tokens[2])
-    assert torch.allclose(low[:, 2, 1], u[:, 1] @ tokens[0]), "token 0 (the sink) is left out"
+    assert torch.allclose(low[1, 2, 1], u[1, 1] @ tokens[0]), "the call's first token is the form's own"
+    assert low[0, 2, 1] == -2, "… and not another token, whose key there is alike"
+    assert low[0, 1, 2] == float("inf") and low[1, 1, 2] == -2
     assert (low[:, 0, 1:] == -2).all() and (low[:, 1, 1] == -2).all(), "a window that does not fit never fires"
     keys = torch.nn.functional.normalize(torch.randn(2, 32), dim=1)
     facts = torch.tensor([0, 0, 1])  # fact 0 has two forms (one token, three tokens), fact 1 one
-    got = gate.subject_cosines(x, keys, tokens=gate.StoredTokens(tokens, windows, facts, 0.1, -0.2))
+    got = gate.subject_cosines(x, keys, tokens=gate.StoredTokens(tokens, windows, facts, first, 0.1, -0.2, 0.999))
     cos = u @ keys.T
     forms = torch.stack([cos[..., 0] - 0.2, torch.minimum(cos[..., 0], low[..., 1] + 0.1),
                          torch.minimum(cos[..., 1], low[..., 2] + 0.1)], -1)
@@ -48,26 +53,32 @@ def test_token_cosines_take_the_lowest_aligned_cosine_without_the_sink():
 
 def test_token_keys_are_what_the_gate_reads_before_the_subjects_last_token():
     lm = tiny_model("llama")
-    tk = token_keys(lm, [A_IN, C_IN], ["{}"], 1)  # the bare prompt alone: one form, the keys the gate reads
+    # subjects alone, no template: each seen in one context, so a form's keys are what the gate reads there
+    alone = [dataclasses.replace(r, template="{}") for r in (A_IN, C_IN)]
+    tk = token_keys(lm, alone, ["{}"], 1)
     assert tk.facts.tolist() == [0, 1] and tk.check(2, lm.arch.d_ff) is None
     assert tk.windows.tolist() == [encode_with_subject(lm.tokenizer, r.template, r.subject).subject_tokens
-                                   for r in (A_IN, C_IN)]
-    stored = gate.StoredTokens(tk.keys, tk.windows, tk.facts, 2.0, 0.0)
+                                   for r in alone]
+    stored = gate.StoredTokens(tk.keys, tk.windows, tk.facts, tk.first, 2.0, 0.0, 0.999)
     g = gate.install(lm.model, lm.arch.w_out_path(1),
                      gate.StoredSubjects(torch.zeros(2, lm.arch.d_ff), -3.0, tokens=stored),
                      torch.zeros(2, lm.arch.d_model))
     try:
-        for r in (A_IN, C_IN):
+        for r in alone:
             e = encode_with_subject(lm.tokenizer, r.template, r.subject)
             g.trace = []
             with torch.no_grad():
                 lm.model(torch.tensor([e.ids]))
             f, g.trace = g.trace[0], None
-            # score min(cos(k, 0) = 0, lowest aligned cosine + 2): each place read back at cosine 1
+            # score min(cos(k, 0) = 0, lowest aligned cosine + 2): each place read back at cosine 1,
+            # the opening token by identity
             assert float(f.cosine[0, e.subject_last].max()) == pytest.approx(0.0, abs=1e-6)
+            first_id = lm.tokenizer(r.subject, add_special_tokens=False)["input_ids"][0]
+            assert torch.allclose(tk.first[alone.index(r)], first_keys(lm, [first_id], 1)[0], atol=1e-6)
             assert token_keys(lm, [r], ["{}"], 1, most=2).windows.tolist() == [2], "pool_max caps the window"
     finally:
         gate.unload(lm.model)
+    assert not tk.keys[int(tk.windows[0]) - 2].any(), "the opening token is seen nowhere else: no key there"
 
 
 def test_a_subject_tokenised_two_ways_has_two_forms():
@@ -76,10 +87,12 @@ def test_a_subject_tokenised_two_ways_has_two_forms():
     tk = token_keys(lm, [A_IN, opening], ["{}", "Some text. {}"], 1)
     ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Jordan", " Jordan")]
     assert len(ids[0]) > 1 and len(ids[1]) == 1, "the tiny tokenizer splits the opening word differently"
-    assert tk.facts.tolist() == [0, 1, 1], "inside a sentence one form; opening the prompt, a second"
-    assert tk.check(2, lm.arch.d_ff) is None
+    # inside a sentence one form; opening a call (the prompt, or the subject alone) a second
+    assert tk.facts.tolist() == [0, 0, 1, 1] and tk.check(2, lm.arch.d_ff) is None
     again = tk.select([1])
-    assert again.facts.tolist() == [0, 0] and torch.equal(again.keys, tk.keys[int(tk.windows[0]) - 1:])
+    start = tk.spans()[2][0]
+    assert again.facts.tolist() == [0, 0] and torch.equal(again.keys, tk.keys[start:])
+    assert torch.equal(again.first, tk.first[2:])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -90,7 +103,7 @@ def test_a_near_namesake_does_not_fire_and_the_base_comes_back(arch, tmp_path):
     plain.edit([A_IN, B_IN, C_IN])
     assert 2 in fired(plain, NAMESAKE), "the last-token key fires Anna Lee Jordan on Anna Kim Jordan"
     plain.restore()
-    ed = NeuralDBEditor(lm, HP.replace(key="tokens", token_gamma=0.9))
+    ed = NeuralDBEditor(lm, HP.replace(key="tokens", token_gamma=0.7))
     ed.edit([A_IN, B_IN, C_IN])
     s = ed.store
     assert s.tokens is not None and s.pooled_keys is None and s.windows is None and (s.tokens.windows > 1).all()
@@ -111,7 +124,8 @@ def test_a_near_namesake_does_not_fire_and_the_base_comes_back(arch, tmp_path):
     again.remove(["b"])  # the token keys of the facts kept stay theirs
     assert fired(again, A_IN.prompt) == [0] and fired(again, C_IN.prompt) == [1]
     kept = s.tokens.select([0, 2])
-    assert torch.equal(again.store.tokens.keys, kept.keys) and again.store.tokens.facts.tolist() == [0, 1]
+    assert torch.equal(again.store.tokens.keys, kept.keys) and torch.equal(again.store.tokens.facts, kept.facts)
+    assert kept.facts.tolist() == [0, 0, 1], "Michael Jordan: in a sentence and opening one; Anna Lee Jordan: one form"
     again.remove(["a", "c"])
     assert torch.equal(logits(lm, A_IN.prompt), base_a), "every fact removed: the base logits bit for bit"
     again.restore()
@@ -127,10 +141,13 @@ def test_a_token_store_refuses_missing_or_misshapen_token_keys(tmp_path):
     with pytest.raises(StoreError, match="token keys"):
         store.add(fact, key, res)
     one = torch.tensor([3])
+    first = torch.ones(1, lm.arch.d_ff)
     with pytest.raises(StoreError, match="one row per earlier token"):
-        store.add(fact, key, res, tokens=TokenKeys(torch.ones(1, lm.arch.d_ff), one, torch.tensor([0])))
+        store.add(fact, key, res, tokens=TokenKeys(torch.ones(1, lm.arch.d_ff), one, torch.tensor([0]), first))
     with pytest.raises(StoreError, match="name each of the 1 facts"):
-        store.add(fact, key, res, tokens=TokenKeys(torch.ones(2, lm.arch.d_ff), one, torch.tensor([1])))
+        store.add(fact, key, res, tokens=TokenKeys(torch.ones(2, lm.arch.d_ff), one, torch.tensor([1]), first))
+    with pytest.raises(StoreError, match="first-token keys"):
+        store.add(fact, key, res, tokens=TokenKeys(torch.ones(2, lm.arch.d_ff), one, torch.tensor([0]), first[:0]))
     with pytest.raises(ValueError, match="key=tokens works with gate=cosine"):
         HP.replace(key="tokens", gate="relation").validate(lm)
     with pytest.raises(ValueError, match="token_gamma"):
