@@ -158,14 +158,18 @@ class StoredTokens:
     def scores(self, x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         """Fact scores ``[..., m]`` from token keys ``x`` ``[..., d_ff]`` and their last-token cosines
         ``cos`` ``[..., m]``: per fact, the best of its forms, a form scoring
-        ``min(cos, lowest aligned cosine + shift)`` (one token: ``cos + single_shift``)."""
+        ``min(cos, lowest aligned cosine + shift)`` (one token: ``cos + single_shift``, and where it
+        opens the call 1 if it is the form's token, else −2)."""
         rows = x.reshape(-1, *x.shape[-2:])  # the places run along the sequence dimension
-        low = token_cosines(rows, self.keys, self.layout, self.windows, self.first,
-                            self.first_gamma).reshape(*x.shape[:-1], -1)
-        at = cos[..., self.facts]
+        low = token_cosines(rows, self.keys, self.layout, self.windows, self.first, self.first_gamma)
+        at = cos.reshape(*rows.shape[:-1], -1)[..., self.facts]
         form = torch.where(self.single, at + self.single_shift, torch.minimum(at, low + self.shift))
+        # a one-token form opening the call: its key there is the sink's, so the token itself decides
+        opens = torch.nn.functional.normalize(rows[:, 0].float(), dim=-1) @ self.first.T > self.first_gamma
+        form[:, 0] = torch.where(self.single, torch.where(opens, 1.0, -2.0), form[:, 0])
         best = cos.new_full(cos.shape, -2.0)
-        return best.scatter_reduce(-1, self.facts.expand_as(form), form, "amax")
+        return best.scatter_reduce(-1, self.facts.expand_as(form.reshape(*cos.shape[:-1], -1)),
+                                   form.reshape(*cos.shape[:-1], -1), "amax")
 
 
 def subject_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, torch.Tensor]] | None = None,

@@ -31,7 +31,7 @@ def test_token_cosines_take_the_lowest_aligned_cosine_and_check_an_opening_token
     u = torch.nn.functional.normalize(x, dim=-1)
     windows = torch.tensor([1, 3, 2])  # form 1 keeps 2 earlier tokens (rows 0, 1), form 2 one (row 2)
     tokens = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
-    first = torch.stack([u[0, 0], u[1, 0], u[0, 0]])  # form 1 opens with row 1's first token, form 2 row 0's
+    first = torch.stack([u[0, 0], u[1, 0], u[0, 0]])  # forms 0 and 2 open with row 0's first token, form 1 row 1's
     low = gate.token_cosines(x, tokens, gate.token_groups(windows), windows, first, 0.999)
     assert torch.isinf(low[..., 0]).all(), "a one-token form has nothing to check"
     want = torch.minimum(u[:, 4] @ tokens[0], u[:, 3] @ tokens[1])
@@ -47,6 +47,7 @@ def test_token_cosines_take_the_lowest_aligned_cosine_and_check_an_opening_token
     cos = u @ keys.T
     forms = torch.stack([cos[..., 0] - 0.2, torch.minimum(cos[..., 0], low[..., 1] + 0.1),
                          torch.minimum(cos[..., 1], low[..., 2] + 0.1)], -1)
+    forms[0, 0, 0], forms[1, 0, 0] = 1.0, -2.0  # the one-token form opens row 0's call, not row 1's
     assert torch.equal(got, torch.stack([forms[..., :2].amax(-1), forms[..., 2]], -1)), \
         "a fact scores its best form; a one-token form its cosine shifted by γ − single_gamma"
 
@@ -154,4 +155,16 @@ def test_a_token_store_refuses_missing_or_misshapen_token_keys(tmp_path):
         HP.replace(key="tokens", token_gamma=1.0).validate(lm)
     ed.save(tmp_path / "s")
     assert FactStore.load(tmp_path / "s").tokens.check(1, lm.arch.d_ff) is None
+    ed.restore()
+
+
+def test_a_one_token_subject_opening_a_prompt_fires_by_identity():
+    lm = tiny_model("llama")
+    one = EditRequest("one", "{} plays the sport of", "man", " chess", " golf")
+    ed = NeuralDBEditor(lm, HP.replace(key="tokens", n_templates=1))  # a context template: a key elsewhere
+    ed.edit([one])
+    assert lm.tokenizer.tokenize("man plays the sport of")[0] == "man"
+    assert fired(ed, "man plays the sport of") == [0], "its key there is the sink's: the token decides"
+    base = logits(lm, "boy plays the sport of")
+    assert fired(ed, "boy plays the sport of") == [] and torch.equal(logits(lm, "boy plays the sport of"), base)
     ed.restore()
