@@ -37,6 +37,7 @@ the prompt's last token is already in the cache, which is where the edit was tra
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,43 +149,63 @@ class StoredTokens:
     first_gamma: float
 
     def __post_init__(self) -> None:
-        self.layout = token_groups(self.windows)
-        self.single = self.windows == 1
+        spans = self.windows - 1
+        self.starts = spans.cumsum(0) - spans  # each form's first row in ``keys``
+        self.single = (self.windows == 1).nonzero().squeeze(1)
 
     def to(self, device: torch.device) -> StoredTokens:
         return StoredTokens(self.keys.to(device, torch.float32), self.windows.to(device), self.facts.to(device),
                             self.first.to(device, torch.float32), self.shift, self.single_shift, self.first_gamma)
 
-    def scores(self, x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, cos: torch.Tensor, floor: float = -math.inf) -> torch.Tensor:
         """Fact scores ``[..., m]`` from token keys ``x`` ``[..., d_ff]`` and their last-token cosines
         ``cos`` ``[..., m]``: per fact, the best of its forms, a form scoring
         ``min(cos, lowest aligned cosine + shift)`` (one token: ``cos + single_shift``, and where it
-        opens the call 1 if it is the form's token, else −2)."""
+        opens the call 1 if it is the form's token, else −2).
+
+        Only the forms of *hot* facts are scored: a fact whose last-token cosine exceeds ``floor``
+        (the lowest threshold) somewhere in the call, or one of whose one-token forms opens it. The
+        others keep their cosine, an upper bound of their score below every threshold, so which
+        fact fires is the same as scoring every form (``floor`` −inf does, for traces)."""
         rows = x.reshape(-1, *x.shape[-2:])  # the places run along the sequence dimension
-        low = token_cosines(rows, self.keys, self.layout, self.windows, self.first, self.first_gamma)
-        at = cos.reshape(*rows.shape[:-1], -1)[..., self.facts]
-        form = torch.where(self.single, at + self.single_shift, torch.minimum(at, low + self.shift))
+        at = cos.reshape(*rows.shape[:-1], -1)  # [b, t, m]
+        opens = torch.nn.functional.normalize(rows[:, 0].float(), dim=-1) @ self.first[self.single].T \
+            > self.first_gamma  # [b, singles]: a one-token form opens the call
+        hot = (at > floor).flatten(0, 1).any(0)
+        hot[self.facts[self.single[opens.any(0)]]] = True
+        forms = hot[self.facts].nonzero().squeeze(1)
+        if len(forms) == 0:
+            return cos
+        windows, facts = self.windows[forms], self.facts[forms]
+        n = windows - 1
+        rows_of = torch.repeat_interleave(self.starts[forms], n) + torch.arange(int(n.sum()), device=n.device) \
+            - torch.repeat_interleave(n.cumsum(0) - n, n)
+        low = token_cosines(rows, self.keys[rows_of], token_groups(windows), windows, self.first[forms],
+                            self.first_gamma)
+        single = windows == 1
+        mine = at[..., facts]
+        form = torch.where(single, mine + self.single_shift, torch.minimum(mine, low + self.shift))
         # a one-token form opening the call: its key there is the sink's, so the token itself decides
-        opens = torch.nn.functional.normalize(rows[:, 0].float(), dim=-1) @ self.first.T > self.first_gamma
-        form[:, 0] = torch.where(self.single, torch.where(opens, 1.0, -2.0), form[:, 0])
-        best = cos.new_full(cos.shape, -2.0)
-        return best.scatter_reduce(-1, self.facts.expand_as(form.reshape(*cos.shape[:-1], -1)),
-                                   form.reshape(*cos.shape[:-1], -1), "amax")
+        first = torch.nn.functional.normalize(rows[:, 0].float(), dim=-1) @ self.first[forms].T > self.first_gamma
+        form[:, 0] = torch.where(single, torch.where(first, 1.0, -2.0), form[:, 0])
+        best = at.index_fill(-1, facts, -2.0).scatter_reduce(-1, facts.expand_as(form), form, "amax")
+        return best.reshape(cos.shape)
 
 
 def subject_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, torch.Tensor]] | None = None,
                     pooled: torch.Tensor | None = None, shift: float = 0.0,
-                    tokens: StoredTokens | None = None) -> torch.Tensor:
+                    tokens: StoredTokens | None = None, floor: float = -math.inf) -> torch.Tensor:
     """Subject-key scores ``[..., m]`` of token keys ``x`` ``[..., d_ff]`` against stored unit keys
     ``[m, d_ff]``: the cosine (``groups`` None); with ``groups`` and no ``pooled``, the pooled
     cosine of :func:`window_cosines` (``keys`` are then pooled keys); with both (``key="dual"``),
     ``min(cos(x_t, keys), pooled cosine against pooled ``[m, d_ff]`` + shift)``, so that a score
     above γ means the token's key is above γ and its pool above γ − shift (``pool_gamma``); with
     ``tokens`` (``key="tokens"``), :meth:`StoredTokens.scores`: the token's key above γ and, in one
-    of the fact's forms, each earlier subject token's, aligned, above ``token_gamma``."""
+    of the fact's forms, each earlier subject token's, aligned, above ``token_gamma`` (forms scored
+    only for facts that can fire above ``floor``)."""
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
     if tokens is not None:
-        return tokens.scores(x, unit @ keys.T)
+        return tokens.scores(x, unit @ keys.T, floor)
     if groups is None:
         return unit @ keys.T
     rows = x.reshape(-1, *x.shape[-2:])  # the window runs along the sequence dimension
@@ -224,10 +245,11 @@ class _SubjectScores(nn.Module):
         self.groups = None if self.windows is None else window_groups(self.windows)
         self.pooled = None if s.pooled is None else s.pooled.to(w.device, torch.float32)
         self.shift = float(s.shift)
+        self.floor = float(self.thresholds.min()) if len(self.thresholds) else 0.0  # once per store change
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., m]``: :func:`subject_cosines` of ``x`` ``[..., d_ff]``."""
-        return subject_cosines(x, self.keys, self.groups, self.pooled, self.shift, self.tokens)
+        return subject_cosines(x, self.keys, self.groups, self.pooled, self.shift, self.tokens, self.floor)
 
 
 class GatedProjection(_SubjectScores):

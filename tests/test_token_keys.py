@@ -50,6 +50,14 @@ def test_token_cosines_take_the_lowest_aligned_cosine_and_check_an_opening_token
     forms[0, 0, 0], forms[1, 0, 0] = 1.0, -2.0  # the one-token form opens row 0's call, not row 1's
     assert torch.equal(got, torch.stack([forms[..., :2].amax(-1), forms[..., 2]], -1)), \
         "a fact scores its best form; a one-token form its cosine shifted by γ − single_gamma"
+    stored = gate.StoredTokens(tokens, windows, facts, first, 0.1, -0.2, 0.999)
+    for floor in (-0.2, 0.0, 0.2, 0.5):  # scoring only the facts that can fire decides as scoring all
+        fast = gate.subject_cosines(x, keys, tokens=stored, floor=floor)
+        best, index = got.max(-1)
+        fast_best, fast_index = fast.max(-1)
+        assert torch.equal(best > floor, fast_best > floor)
+        assert torch.equal(index[best > floor], fast_index[best > floor])
+        assert torch.equal(best[best > floor], fast_best[best > floor])
 
 
 def test_token_keys_are_what_the_gate_reads_before_the_subjects_last_token():
