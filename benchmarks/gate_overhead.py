@@ -1,12 +1,17 @@
 """Generation speed with the NeuralDB gate holding 0, 1k and 10k facts, relative to no gate.
 
 The stored keys/residuals are real-shaped (unit-norm random keys, random residuals); what is
-measured is the cost of the lookup (one matmul per forward at the edit layer). Greedy generation
+measured is the cost of the lookup (one matmul per forward at the edit layer). ``--key`` picks the
+subject keys: ``last`` (one key per fact), ``dual`` (and a pooled key per fact, window 3) or
+``tokens`` (two forms per fact, of 4 and 3 tokens, with first-token keys). Random keys never match a
+prompt, so with ``tokens`` no fact is hot and the cost measured is the gate's on text that names no
+stored subject (:meth:`neuraldb.gate.StoredTokens.scores`). Greedy generation
 of ``--new-tokens`` tokens after each prompt, best of ``--repeats`` runs. Each gated measurement
 is paired with a no-gate measurement taken just before it (after one warm-up run), so a slow
 phase of the machine affects both sides of a ratio alike.
 
 Usage:  python benchmarks/gate_overhead.py --out results/gate_overhead.json
+        python benchmarks/gate_overhead.py --key tokens --out benchmarks/results/gate_overhead_tokens.json
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 
 from neuraldb import gate, models
-from neuraldb.neuraldb_editor import NeuralDBEditor
+from neuraldb.neuraldb_editor import NeuralDBEditor, NeuralDBHparams
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "The mother tongue of Danielle Darrieux is",
            "Michael Jordan plays the sport of", "The capital of Germany is"]
@@ -39,12 +44,28 @@ def tokens_per_s(lm: models.LoadedModel, new_tokens: int, repeats: int) -> float
     return len(PROMPTS) * new_tokens / best
 
 
+def subjects(key: str, m: int, d_ff: int, h: NeuralDBHparams, g: torch.Generator) -> gate.StoredSubjects:
+    """Random unit keys of ``m`` facts shaped as ``key`` stores them."""
+    def unit(n: int) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.randn(n, d_ff, generator=g), dim=1)
+
+    if key == "dual":
+        return gate.StoredSubjects(unit(m), h.gamma, torch.full((m,), 3), unit(m), h.gamma - h.pool_gamma)
+    if key == "tokens":
+        windows = torch.tensor([4, 3]).repeat(m)
+        tokens = gate.StoredTokens(unit(int((windows - 1).sum())), windows, torch.arange(m).repeat_interleave(2),
+                                   unit(2 * m), h.gamma - h.token_gamma, h.gamma - h.single_gamma, h.first_gamma)
+        return gate.StoredSubjects(unit(m), h.gamma, tokens=tokens)
+    return gate.StoredSubjects(unit(m), h.gamma)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=models.DEFAULT_MODEL)
     ap.add_argument("--sizes", default="0,1000,10000")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--key", choices=("last", "dual", "tokens"), default="last")
     ap.add_argument("--out", default="results/gate_overhead.json")
     args = ap.parse_args()
     lm = models.load(args.model)
@@ -56,15 +77,15 @@ def main() -> None:
     for m in [int(x) for x in args.sizes.split(",")]:
         base = tokens_per_s(lm, args.new_tokens, args.repeats)
         bases.append(base)
-        keys = torch.nn.functional.normalize(torch.randn(m, lm.arch.d_ff, generator=g), dim=1)
         residuals = torch.randn(m, lm.arch.d_model, generator=g) * 0.01
-        gate.install(lm.model, path, gate.StoredSubjects(keys, h.gamma), residuals)
+        gate.install(lm.model, path, subjects(args.key, m, lm.arch.d_ff, h, g), residuals)
         tps = tokens_per_s(lm, args.new_tokens, args.repeats)
         gate.unload(lm.model)
         rows.append({"facts": m, "tokens_per_s": tps, "no_gate_tokens_per_s": base, "relative_to_no_gate": tps / base,
                      "overhead_pct": 100.0 * (base / tps - 1.0)})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"benchmark": "gate_overhead", "model": args.model, "layer": h.layer, "new_tokens": args.new_tokens,
+    result = {"benchmark": "gate_overhead", "model": args.model, "layer": h.layer, "key": args.key,
+              "new_tokens": args.new_tokens,
               "prompts": len(PROMPTS), "no_gate_tokens_per_s": sum(bases) / len(bases), "rows": rows,
               "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
