@@ -54,7 +54,8 @@ def subjects(key: str, m: int, d_ff: int, h: NeuralDBHparams, g: torch.Generator
     if key == "tokens":
         windows = torch.tensor([4, 3]).repeat(m)
         tokens = gate.StoredTokens(unit(int((windows - 1).sum())), windows, torch.arange(m).repeat_interleave(2),
-                                   unit(2 * m), h.gamma - h.token_gamma, h.gamma - h.single_gamma, h.first_gamma)
+                                   unit(2 * m), unit(2 * m), h.gamma - h.token_gamma, h.gamma - h.single_gamma,
+                                   h.first_gamma)
         return gate.StoredSubjects(unit(m), h.gamma, tokens=tokens)
     return gate.StoredSubjects(unit(m), h.gamma)
 

@@ -135,15 +135,17 @@ def token_cosines(x: torch.Tensor, tokens: torch.Tensor, groups: list[tuple[int,
 @dataclass
 class StoredTokens:
     """The token side of ``key="tokens"`` on the gate's device: the forms' keys ``[Σ(w−1), d_ff]``,
-    windows ``[C]``, facts ``[C]`` and first-token keys ``[C, d_ff]`` (:class:`neuraldb.keys.TokenKeys`),
-    their :func:`token_groups`, the shift γ − ``token_gamma`` of the earlier tokens' cosines, the
-    shift γ − ``single_gamma`` of a one-token form's cosine (it fires above ``single_gamma``: nothing
-    else to check) and ``first_gamma``, the identity threshold of a first token at the call's start."""
+    windows ``[C]``, facts ``[C]``, first-token keys ``[C, d_ff]`` and last-token keys ``[C, d_ff]``
+    (:class:`neuraldb.keys.TokenKeys`), the shift γ − ``token_gamma`` of the earlier tokens'
+    cosines, the shift γ − ``single_gamma`` of a one-token form's cosine (it fires above
+    ``single_gamma``: nothing else to check) and ``first_gamma``, the identity threshold of a first
+    token at the call's start."""
 
     keys: torch.Tensor
     windows: torch.Tensor
     facts: torch.Tensor
     first: torch.Tensor
+    last: torch.Tensor
     shift: float
     single_shift: float
     first_gamma: float
@@ -155,41 +157,42 @@ class StoredTokens:
 
     def to(self, device: torch.device) -> StoredTokens:
         return StoredTokens(self.keys.to(device, torch.float32), self.windows.to(device), self.facts.to(device),
-                            self.first.to(device, torch.float32), self.shift, self.single_shift, self.first_gamma)
+                            self.first.to(device, torch.float32), self.last.to(device, torch.float32), self.shift,
+                            self.single_shift, self.first_gamma)
 
-    def scores(self, x: torch.Tensor, cos: torch.Tensor, floor: float = -math.inf) -> torch.Tensor:
-        """Fact scores ``[..., m]`` from token keys ``x`` ``[..., d_ff]`` and their last-token cosines
-        ``cos`` ``[..., m]``: per fact, the best of its forms, a form scoring
-        ``min(cos, lowest aligned cosine + shift)`` (one token: ``cos + single_shift``, and where it
-        opens the call 1 if it is the form's token, else −2).
+    def scores(self, x: torch.Tensor, m: int, floor: float = -math.inf) -> torch.Tensor:
+        """Scores ``[..., m]`` of the ``m`` facts for token keys ``x`` ``[..., d_ff]``: per fact, the
+        best of its forms, a form scoring ``min(cos(x_t, its last-token key), lowest aligned cosine of
+        the earlier tokens + shift)`` (one token: the cosine + ``single_shift``, and where it opens the
+        call 1 if it is the form's token, else −2).
 
-        Only the forms of *hot* facts are scored: a fact whose last-token cosine exceeds ``floor``
-        (the lowest threshold) somewhere in the call, or one of whose one-token forms opens it. The
-        others keep their cosine, an upper bound of their score below every threshold, so which
-        fact fires is the same as scoring every form (``floor`` −inf does, for traces)."""
+        Only *hot* forms are scored in full: a form whose last-token cosine exceeds ``floor`` (the
+        lowest threshold) somewhere in the call, or a one-token form opening it. The others keep
+        their cosine, an upper bound of their score below every threshold, so which fact fires is the
+        same as scoring every form (``floor`` −inf does, for traces)."""
         rows = x.reshape(-1, *x.shape[-2:])  # the places run along the sequence dimension
-        at = cos.reshape(*rows.shape[:-1], -1)  # [b, t, m]
-        opens = torch.nn.functional.normalize(rows[:, 0].float(), dim=-1) @ self.first[self.single].T \
-            > self.first_gamma  # [b, singles]: a one-token form opens the call
-        hot = (at > floor).flatten(0, 1).any(0)
-        hot[self.facts[self.single[opens.any(0)]]] = True
-        forms = hot[self.facts].nonzero().squeeze(1)
-        if len(forms) == 0:
-            return cos
-        windows, facts = self.windows[forms], self.facts[forms]
-        n = windows - 1
-        rows_of = torch.repeat_interleave(self.starts[forms], n) + torch.arange(int(n.sum()), device=n.device) \
-            - torch.repeat_interleave(n.cumsum(0) - n, n)
-        low = token_cosines(rows, self.keys[rows_of], token_groups(windows), windows, self.first[forms],
-                            self.first_gamma)
-        single = windows == 1
-        mine = at[..., facts]
-        form = torch.where(single, mine + self.single_shift, torch.minimum(mine, low + self.shift))
-        # a one-token form opening the call: its key there is the sink's, so the token itself decides
-        first = torch.nn.functional.normalize(rows[:, 0].float(), dim=-1) @ self.first[forms].T > self.first_gamma
-        form[:, 0] = torch.where(single, torch.where(first, 1.0, -2.0), form[:, 0])
-        best = at.index_fill(-1, facts, -2.0).scatter_reduce(-1, facts.expand_as(form), form, "amax")
-        return best.reshape(cos.shape)
+        unit = torch.nn.functional.normalize(rows.float(), dim=-1)
+        cos = unit @ self.last.T  # [b, t, C]
+        opening = unit[:, 0] @ self.first.T > self.first_gamma  # [b, C]: the call opens with the form's first token
+        hot = (cos > floor).flatten(0, 1).any(0)
+        hot[self.single] |= opening[:, self.single].any(0)
+        forms = hot.nonzero().squeeze(1)
+        score = cos.clone()
+        if len(forms):
+            windows = self.windows[forms]
+            n = windows - 1
+            rows_of = torch.repeat_interleave(self.starts[forms], n) \
+                + torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
+            low = token_cosines(rows, self.keys[rows_of], token_groups(windows), windows, self.first[forms],
+                                self.first_gamma)
+            single, mine = windows == 1, cos[..., forms]
+            form = torch.where(single, mine + self.single_shift, torch.minimum(mine, low + self.shift))
+            # a one-token form opening the call: its key there is the sink's, so the token itself decides
+            form[:, 0] = torch.where(single, torch.where(opening[:, forms], 1.0, -2.0), form[:, 0])
+            score[..., forms] = form
+        best = cos.new_full((*cos.shape[:-1], m), -2.0)
+        best = best.scatter_reduce(-1, self.facts.expand_as(score), score, "amax")
+        return best.reshape(*x.shape[:-1], m)
 
 
 def subject_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, torch.Tensor]] | None = None,
@@ -201,11 +204,12 @@ def subject_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int,
     ``min(cos(x_t, keys), pooled cosine against pooled ``[m, d_ff]`` + shift)``, so that a score
     above γ means the token's key is above γ and its pool above γ − shift (``pool_gamma``); with
     ``tokens`` (``key="tokens"``), :meth:`StoredTokens.scores`: the token's key above γ and, in one
-    of the fact's forms, each earlier subject token's, aligned, above ``token_gamma`` (forms scored
-    only for facts that can fire above ``floor``)."""
-    unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    of the fact's forms, each earlier subject token's, aligned, above ``token_gamma``, the token's
+    key against the form's own last-token key (``keys`` unused; forms scored in full only where they
+    can fire above ``floor``)."""
     if tokens is not None:
-        return tokens.scores(x, unit @ keys.T, floor)
+        return tokens.scores(x, keys.shape[0], floor)
+    unit = torch.nn.functional.normalize(x.float(), dim=-1)
     if groups is None:
         return unit @ keys.T
     rows = x.reshape(-1, *x.shape[-2:])  # the window runs along the sequence dimension

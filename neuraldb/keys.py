@@ -160,17 +160,19 @@ class TokenKeys:
     ``keys`` ``[Σ(w−1), d_ff]``: form by form, the tokens 1, 2, … w−1 places before the subject's
     last, unit-norm (zero for a place seen only as a prompt's first token); ``first`` ``[C, d_ff]``
     unit-norm: the key of each form's first token as a call's first token, where a key depends on
-    the token alone (:func:`neuraldb.gate.token_cosines`)."""
+    the token alone (:func:`neuraldb.gate.token_cosines`); ``last`` ``[C, d_ff]``: each form's
+    last-token key, read where the form occurs (zero if only at a call's first token)."""
 
     keys: torch.Tensor
     windows: torch.Tensor
     facts: torch.Tensor
     first: torch.Tensor
+    last: torch.Tensor
 
     @classmethod
     def empty(cls, d_ff: int) -> TokenKeys:
         return cls(torch.zeros(0, d_ff), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                   torch.zeros(0, d_ff))
+                   torch.zeros(0, d_ff), torch.zeros(0, d_ff))
 
     def spans(self) -> list[tuple[int, int]]:
         """Each form's rows in ``keys``: ``(start, stop)``."""
@@ -185,13 +187,14 @@ class TokenKeys:
         spans = self.spans()
         rows = [r for c in cols for r in range(*spans[c])]
         return TokenKeys(self.keys[rows], self.windows[cols],
-                         torch.tensor([new[f] for f in self.facts[cols].tolist()], dtype=torch.long), self.first[cols])
+                         torch.tensor([new[f] for f in self.facts[cols].tolist()], dtype=torch.long), self.first[cols],
+                         self.last[cols])
 
     def cat(self, other: TokenKeys, offset: int) -> TokenKeys:
         """These forms followed by ``other``'s, whose facts are numbered from ``offset``."""
         return TokenKeys(torch.cat([self.keys, other.keys.float()]), torch.cat([self.windows, other.windows.long()]),
                          torch.cat([self.facts, other.facts.long() + offset]),
-                         torch.cat([self.first, other.first.float()]))
+                         torch.cat([self.first, other.first.float()]), torch.cat([self.last, other.last.float()]))
 
     def check(self, n_facts: int, d_ff: int) -> str | None:
         """What is wrong with these forms for a store of ``n_facts`` facts (None: nothing)."""
@@ -204,8 +207,9 @@ class TokenKeys:
             return f"token facts must name each of the {n_facts} facts"
         if self.keys.shape != (int((w - 1).sum()), d_ff) or not bool(torch.isfinite(self.keys).all()):
             return "token keys must be finite, one row per earlier token of each form"
-        if self.first.shape != (len(w), d_ff) or not bool(torch.isfinite(self.first).all()):
-            return "first-token keys must be finite, one row per form"
+        for name, t in (("first-token", self.first), ("last-token", self.last)):
+            if t.shape != (len(w), d_ff) or not bool(torch.isfinite(t).all()):
+                return f"{name} keys must be finite, one row per form"
         return None
 
 
@@ -213,9 +217,10 @@ Seen = dict[tuple[int, ...], tuple[list[dict[int, torch.Tensor]], list[dict[int,
 
 
 def _places(unit: torch.Tensor, row: int, column: int, subject_last: int, width: int) -> dict[int, torch.Tensor]:
-    """The unit keys ``[d_ff]`` of row ``row``'s places ``back`` = 1 … width−1 before its subject's
-    last token (at ``column`` in ``unit`` ``[rows, T, d_ff]``), leaving out the row's first token."""
-    return {back: unit[row, column - back] for back in range(1, width) if subject_last - back >= 1}
+    """The unit keys ``[d_ff]`` of row ``row``'s subject's last token (place 0, at ``column`` in
+    ``unit`` ``[rows, T, d_ff]``) and of the places ``back`` = 1 … width−1 before it, leaving out
+    the row's first token."""
+    return {back: unit[row, column - back] for back in range(width) if subject_last - back >= 1}
 
 
 @torch.no_grad()
@@ -227,7 +232,8 @@ def token_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[str
     A fact is seen in its prompt under each context template and in its subject alone (which opens
     a call, as a subject opening a question does); the rows are grouped by how they tokenise the
     subject, and each tokenisation is a form (in the order first seen) whose window is its
-    subject's token count (at most ``most``; 0: no limit). A place's key is read in every row of
+    subject's token count (at most ``most``; 0: no limit). A place's key (the subject's last token's
+    included: each form has its own, read where that form occurs) is read in every row of
     the form where it is not the row's first token (the attention sink, where every token's key is
     alike), and averaged as :func:`neuraldb.targets.average_keys` does (½·bare prompt + ½·mean of
     the other rows, whichever the form has), then normalised; a place no row has elsewhere keeps a
@@ -249,22 +255,25 @@ def token_keys(lm: LoadedModel, requests: list[EditRequest], templates: list[str
                     seen[done + f].setdefault(ids[len(ids) - w :], ([], []))[0 if bare_row else 1].append(got)
             done += len(rows.bare)
     keys: list[torch.Tensor] = []
+    last: list[torch.Tensor] = []
     windows: list[int] = []
     facts: list[int] = []
     firsts: list[int] = []
     zero = torch.zeros(lm.arch.d_ff)
     for f, forms in enumerate(seen):
         for ids, groups in forms.items():
-            for back in range(1, len(ids)):
+            for back in range(len(ids)):
                 seen_at = ([g[back] for g in grp if back in g] for grp in groups)
                 parts = [torch.stack(at).mean(0) for at in seen_at if at]
-                keys.append(torch.nn.functional.normalize(torch.stack(parts).mean(0), dim=0) if parts else zero)
+                (keys if back else last).append(
+                    torch.nn.functional.normalize(torch.stack(parts).mean(0), dim=0) if parts else zero)
             windows.append(len(ids))
             facts.append(f)
             firsts.append(ids[0])
     d_ff = lm.arch.d_ff
     return TokenKeys(torch.stack(keys) if keys else torch.zeros(0, d_ff), torch.tensor(windows, dtype=torch.long),
-                     torch.tensor(facts, dtype=torch.long), first_keys(lm, firsts, layer, batch_size))
+                     torch.tensor(facts, dtype=torch.long), first_keys(lm, firsts, layer, batch_size),
+                     torch.stack(last) if last else torch.zeros(0, d_ff))
 
 
 @torch.no_grad()

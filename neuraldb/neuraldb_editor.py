@@ -297,7 +297,7 @@ class NeuralDBEditor(Editor):
         """The gate's subject side for these keys under this editor's hparams."""
         h = self.hparams
         stored = None if tokens is None else gate.StoredTokens(
-            tokens.keys, tokens.windows, tokens.facts, tokens.first, h.gamma - h.token_gamma,
+            tokens.keys, tokens.windows, tokens.facts, tokens.first, tokens.last, h.gamma - h.token_gamma,
             h.gamma - h.single_gamma, h.first_gamma)
         return gate.StoredSubjects(keys, theta, windows, pooled, h.gamma - h.pool_gamma if pooled is not None else 0.0,
                                    stored)

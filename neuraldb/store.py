@@ -12,7 +12,8 @@ subject's last token, ``pooled_keys`` ``[m, d_ff]`` unit-norm and ``windows``, a
 gate's tensors when it has a relation map; with token keys (``key="tokens"``), format 6 holds ``keys``
 of the subject's last token and the earlier subject tokens' keys in forms (one per tokenisation of
 the subject): ``token_windows`` ``[C]`` and ``token_facts`` ``[C]`` int64, ``token_keys``
-``[Σ(w−1), d_ff]`` and ``token_first`` ``[C, d_ff]``, see :class:`neuraldb.keys.TokenKeys`) and
+``[Σ(w−1), d_ff]``, ``token_first`` and ``token_last`` ``[C, d_ff]``, see
+:class:`neuraldb.keys.TokenKeys`) and
 ``store.json`` (format version, edit layer, γ, hyperparameters, context templates, model name and
 fingerprint, the fact records in column order, and the sha256 of the tensor file). Same contents → same bytes.
 """
@@ -223,7 +224,8 @@ class FactStore:
                 tensors["pooled_keys"] = self.pooled_keys
             if self.tokens is not None:
                 tensors |= {"token_keys": self.tokens.keys, "token_windows": self.tokens.windows,
-                            "token_facts": self.tokens.facts, "token_first": self.tokens.first}
+                            "token_facts": self.tokens.facts, "token_first": self.tokens.first,
+                            "token_last": self.tokens.last}
             if self.relation is not None:
                 tensors |= {"relation_keys": self.relation_keys} | self.relation.tensors()
             write_artifact(path, "store.json", self.meta(), tensors)
@@ -291,9 +293,11 @@ def _tokens(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) 
     :meth:`FactStore.load`."""
     if meta["format"] != FORMAT_TOKENS:
         return None
-    if missing := [n for n in ("token_keys", "token_windows", "token_facts", "token_first") if n not in t]:
+    names = ("token_keys", "token_windows", "token_facts", "token_first", "token_last")
+    if missing := [n for n in names if n not in t]:
         raise StoreError(f"{path} is corrupt: a {FORMAT_TOKENS} store without its {missing[0]} tensor")
-    return TokenKeys(t["token_keys"].float(), t["token_windows"], t["token_facts"], t["token_first"].float())
+    return TokenKeys(t["token_keys"].float(), t["token_windows"], t["token_facts"], t["token_first"].float(),
+                     t["token_last"].float())
 
 
 def _relation(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> RelationMap | None:

@@ -11,6 +11,7 @@ import torch
 
 from neuraldb import gate
 from neuraldb.facts import EditRequest
+from neuraldb.hooks import capture
 from neuraldb.keys import TokenKeys, first_keys, token_keys
 from neuraldb.neuraldb_editor import NeuralDBEditor
 from neuraldb.prompts import encode_with_subject
@@ -43,14 +44,15 @@ def test_token_cosines_take_the_lowest_aligned_cosine_and_check_an_opening_token
     assert (low[:, 0, 1:] == -2).all() and (low[:, 1, 1] == -2).all(), "a window that does not fit never fires"
     keys = torch.nn.functional.normalize(torch.randn(2, 32), dim=1)
     facts = torch.tensor([0, 0, 1])  # fact 0 has two forms (one token, three tokens), fact 1 one
-    got = gate.subject_cosines(x, keys, tokens=gate.StoredTokens(tokens, windows, facts, first, 0.1, -0.2, 0.999))
+    last = keys[facts]  # each form's last-token key (here its fact's)
+    got = gate.subject_cosines(x, keys, tokens=gate.StoredTokens(tokens, windows, facts, first, last, 0.1, -0.2, 0.999))
     cos = u @ keys.T
     forms = torch.stack([cos[..., 0] - 0.2, torch.minimum(cos[..., 0], low[..., 1] + 0.1),
                          torch.minimum(cos[..., 1], low[..., 2] + 0.1)], -1)
     forms[0, 0, 0], forms[1, 0, 0] = 1.0, -2.0  # the one-token form opens row 0's call, not row 1's
     assert torch.equal(got, torch.stack([forms[..., :2].amax(-1), forms[..., 2]], -1)), \
         "a fact scores its best form; a one-token form its cosine shifted by γ − single_gamma"
-    stored = gate.StoredTokens(tokens, windows, facts, first, 0.1, -0.2, 0.999)
+    stored = gate.StoredTokens(tokens, windows, facts, first, last, 0.1, -0.2, 0.999)
     for floor in (-0.2, 0.0, 0.2, 0.5):  # scoring only the facts that can fire decides as scoring all
         fast = gate.subject_cosines(x, keys, tokens=stored, floor=floor)
         best, index = got.max(-1)
@@ -68,7 +70,7 @@ def test_token_keys_are_what_the_gate_reads_before_the_subjects_last_token():
     assert tk.facts.tolist() == [0, 1] and tk.check(2, lm.arch.d_ff) is None
     assert tk.windows.tolist() == [encode_with_subject(lm.tokenizer, r.template, r.subject).subject_tokens
                                    for r in alone]
-    stored = gate.StoredTokens(tk.keys, tk.windows, tk.facts, tk.first, 2.0, 0.0, 0.999)
+    stored = gate.StoredTokens(tk.keys, tk.windows, tk.facts, tk.first, torch.zeros_like(tk.last), 2.0, 0.0, 0.999)
     g = gate.install(lm.model, lm.arch.w_out_path(1),
                      gate.StoredSubjects(torch.zeros(2, lm.arch.d_ff), -3.0, tokens=stored),
                      torch.zeros(2, lm.arch.d_model))
@@ -88,6 +90,13 @@ def test_token_keys_are_what_the_gate_reads_before_the_subjects_last_token():
     finally:
         gate.unload(lm.model)
     assert not tk.keys[int(tk.windows[0]) - 2].any(), "the opening token is seen nowhere else: no key there"
+    own = gate.StoredTokens(tk.keys, tk.windows, tk.facts, tk.first, tk.last, 0.0, 0.0, 0.999)
+    for j, r in enumerate(alone):  # each form's own last-token key, read where the form occurs
+        e = encode_with_subject(lm.tokenizer, r.template, r.subject)
+        with capture(lm.model, inputs={"k": lm.arch.w_out_path(1)}, select=lambda t: t[0].float()) as got:
+            with torch.no_grad():
+                lm.model(torch.tensor([e.ids]))
+        assert float(own.scores(got["k"], 2)[e.subject_last, j]) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_a_subject_tokenised_two_ways_has_two_forms():
@@ -150,13 +159,15 @@ def test_a_token_store_refuses_missing_or_misshapen_token_keys(tmp_path):
     with pytest.raises(StoreError, match="token keys"):
         store.add(fact, key, res)
     one = torch.tensor([3])
-    first = torch.ones(1, lm.arch.d_ff)
+    row = torch.ones(1, lm.arch.d_ff)
     with pytest.raises(StoreError, match="one row per earlier token"):
-        store.add(fact, key, res, tokens=TokenKeys(torch.ones(1, lm.arch.d_ff), one, torch.tensor([0]), first))
+        store.add(fact, key, res, tokens=TokenKeys(row, one, torch.tensor([0]), row, row))
     with pytest.raises(StoreError, match="name each of the 1 facts"):
-        store.add(fact, key, res, tokens=TokenKeys(torch.ones(2, lm.arch.d_ff), one, torch.tensor([1]), first))
+        store.add(fact, key, res, tokens=TokenKeys(row.repeat(2, 1), one, torch.tensor([1]), row, row))
     with pytest.raises(StoreError, match="first-token keys"):
-        store.add(fact, key, res, tokens=TokenKeys(torch.ones(2, lm.arch.d_ff), one, torch.tensor([0]), first[:0]))
+        store.add(fact, key, res, tokens=TokenKeys(row.repeat(2, 1), one, torch.tensor([0]), row[:0], row))
+    with pytest.raises(StoreError, match="last-token keys"):
+        store.add(fact, key, res, tokens=TokenKeys(row.repeat(2, 1), one, torch.tensor([0]), row, row * torch.nan))
     with pytest.raises(ValueError, match="key=tokens works with gate=cosine"):
         HP.replace(key="tokens", gate="relation").validate(lm)
     with pytest.raises(ValueError, match="token_gamma"):
