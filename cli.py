@@ -200,7 +200,7 @@ def edit(
     hp = _hparams(cls, lm, hparam, layer=layer, layers=_layers(layers), gamma=gamma, batch_size=batch_size,
                   steps=steps, lr=lr, seed=seed)
     ed = cls(lm, hp)
-    if editor == "neuraldb":
+    if editor == "neuraldb" and hp.key != "tokens":  # type: ignore[attr-defined]  # token keys read an opening token
         _warn_first_token_subjects(lm, requests)
     with err.status("scoring the unedited model …"):
         before = preferences(lm, requests)

@@ -106,28 +106,37 @@ def token_groups(windows: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.T
 
 
 def token_cosines(x: torch.Tensor, tokens: torch.Tensor, groups: list[tuple[int, torch.Tensor, torch.Tensor]],
-                  windows: torch.Tensor, first: torch.Tensor, first_gamma: float) -> torch.Tensor:
+                  windows: torch.Tensor, first: torch.Tensor, first_gamma: float,
+                  starts: torch.Tensor | None = None) -> torch.Tensor:
     """``[b, t, C]``: per token t and form c, the lowest cosine of the tokens before t with form c's
     subject tokens aligned from the end (``x`` ``[b, t, d_ff]``; ``tokens`` ``[Σ(w−1), d_ff]``,
     ``windows`` ``[C]``, ``first`` ``[C, d_ff]``: :class:`neuraldb.keys.TokenKeys`; ``groups``:
     :func:`token_groups`): the min over ``back`` = 1 … w_c − 1 of cos(x[t − back], tokens_c[back]).
 
-    A place on the call's first token (the attention sink, where a key depends on the token alone
-    and any two tokens' keys are alike) is checked for identity instead: the form's first token
-    passes (+inf) where its cosine with ``first_c`` exceeds ``first_gamma``, and fails (−2)
-    otherwise, so "Third Czechoslovak Republic" opening a prompt is not "First …"; where the window
-    does not fit in the call (t < w_c − 1) the score is −2 (never fires); a form of one token
-    (nothing to check) gets +inf. One matmul per place, none per form or token."""
+    ``starts`` ``[b]``: where each row's text begins in this call (its first real token after any
+    left padding; −1: in an earlier call; None: at 0). A place on a row's first token (the attention
+    sink, where a key depends on the token alone and any two tokens' keys are alike) is checked for
+    identity instead: the form's first token passes (+inf) where its cosine with ``first_c`` exceeds
+    ``first_gamma``, and fails (−2) otherwise, so "Third Czechoslovak Republic" opening a prompt is
+    not "First …"; a place before the row's start or the call (the window does not fit) scores −2
+    (never fires); a form of one token (nothing to check) gets +inf. One matmul per place, none per
+    form or token."""
     u = torch.nn.functional.normalize(x.float(), dim=-1)
-    low = u.new_full((*u.shape[:-1], len(windows)), float("inf"))
-    n = u.shape[1]
+    b, n = u.shape[:2]
+    starts = u.new_zeros(b, dtype=torch.long) if starts is None else starts
+    at_start = u[torch.arange(b, device=u.device), starts.clamp(min=0)]  # [b, d_ff]: each row's first token
+    low = u.new_full((b, n, len(windows)), float("inf"))
+    pos = torch.arange(n, device=u.device)
     for back, cols, rows in groups:
-        c = u.new_full((u.shape[0], n, len(cols)), -2.0)
+        c = u.new_full((b, n, len(cols)), -2.0)
         if back < n:
             c[:, back:] = u[:, : n - back] @ tokens[rows].T
-            same = (u[:, 0] @ first[cols].T) > first_gamma  # [b, |cols|]: the call opens with the form's first token
-            opens = windows[cols] == back + 1  # the place is the form's first token (else the window does not fit)
-            c[:, back] = torch.where(same | ~opens, float("inf"), -2.0)
+        place = (pos - back)[None, :]  # [1, n]: where the place falls
+        same = (at_start @ first[cols].T) > first_gamma  # [b, |cols|]: the row opens with the form's first token
+        opens = windows[cols] == back + 1  # the place is the form's first token (else its window does not fit)
+        c = torch.where((place == starts[:, None])[..., None], torch.where(same | ~opens, float("inf"), -2.0)[:, None],
+                        c)
+        c = torch.where((place < starts.clamp(min=0)[:, None])[..., None], -2.0, c)
         low[..., cols] = torch.minimum(low[..., cols], c)
     return low
 
@@ -160,11 +169,12 @@ class StoredTokens:
                             self.first.to(device, torch.float32), self.last.to(device, torch.float32), self.shift,
                             self.single_shift, self.first_gamma)
 
-    def scores(self, x: torch.Tensor, m: int, floor: float = -math.inf) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, m: int, floor: float = -math.inf,
+               starts: torch.Tensor | None = None) -> torch.Tensor:
         """Scores ``[..., m]`` of the ``m`` facts for token keys ``x`` ``[..., d_ff]``: per fact, the
         best of its forms, a form scoring ``min(cos(x_t, its last-token key), lowest aligned cosine of
         the earlier tokens + shift)`` (one token: the cosine + ``single_shift``, and where it opens the
-        call 1 if it is the form's token, else −2).
+        call 1 if it is the form's token, else −2). ``starts``: see :func:`token_cosines`.
 
         Only *hot* forms are scored in full: a form whose last-token cosine exceeds ``floor`` (the
         lowest threshold) somewhere in the call, or a one-token form opening it. The others keep
@@ -172,8 +182,11 @@ class StoredTokens:
         same as scoring every form (``floor`` −inf does, for traces)."""
         rows = x.reshape(-1, *x.shape[-2:])  # the places run along the sequence dimension
         unit = torch.nn.functional.normalize(rows.float(), dim=-1)
+        b = torch.arange(unit.shape[0], device=unit.device)
+        starts = starts if starts is not None and len(starts) == len(b) else b.new_zeros(len(b))
         cos = unit @ self.last.T  # [b, t, C]
-        opening = unit[:, 0] @ self.first.T > self.first_gamma  # [b, C]: the call opens with the form's first token
+        opening = (unit[b, starts.clamp(min=0)] @ self.first.T > self.first_gamma) & (starts >= 0)[:, None]
+        # [b, C]: the row's text opens, in this call, with the form's first token
         hot = (cos > floor).flatten(0, 1).any(0)
         hot[self.single] |= opening[:, self.single].any(0)
         forms = hot.nonzero().squeeze(1)
@@ -184,11 +197,13 @@ class StoredTokens:
             rows_of = torch.repeat_interleave(self.starts[forms], n) \
                 + torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
             low = token_cosines(rows, self.keys[rows_of], token_groups(windows), windows, self.first[forms],
-                                self.first_gamma)
+                                self.first_gamma, starts)
             single, mine = windows == 1, cos[..., forms]
             form = torch.where(single, mine + self.single_shift, torch.minimum(mine, low + self.shift))
-            # a one-token form opening the call: its key there is the sink's, so the token itself decides
-            form[:, 0] = torch.where(single, torch.where(opening[:, forms], 1.0, -2.0), form[:, 0])
+            # a one-token form opening the row: its key there is the sink's, so the token itself decides
+            s = starts.clamp(min=0)
+            form[b, s] = torch.where(single & (starts >= 0)[:, None], torch.where(opening[:, forms], 1.0, -2.0),
+                                     form[b, s])
             score[..., forms] = form
         best = cos.new_full((*cos.shape[:-1], m), -2.0)
         best = best.scatter_reduce(-1, self.facts.expand_as(score), score, "amax")
@@ -197,7 +212,8 @@ class StoredTokens:
 
 def subject_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, torch.Tensor]] | None = None,
                     pooled: torch.Tensor | None = None, shift: float = 0.0,
-                    tokens: StoredTokens | None = None, floor: float = -math.inf) -> torch.Tensor:
+                    tokens: StoredTokens | None = None, floor: float = -math.inf,
+                    starts: torch.Tensor | None = None) -> torch.Tensor:
     """Subject-key scores ``[..., m]`` of token keys ``x`` ``[..., d_ff]`` against stored unit keys
     ``[m, d_ff]``: the cosine (``groups`` None); with ``groups`` and no ``pooled``, the pooled
     cosine of :func:`window_cosines` (``keys`` are then pooled keys); with both (``key="dual"``),
@@ -206,9 +222,9 @@ def subject_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int,
     ``tokens`` (``key="tokens"``), :meth:`StoredTokens.scores`: the token's key above γ and, in one
     of the fact's forms, each earlier subject token's, aligned, above ``token_gamma``, the token's
     key against the form's own last-token key (``keys`` unused; forms scored in full only where they
-    can fire above ``floor``)."""
+    can fire above ``floor``; ``starts``: where each row's text begins, :func:`token_cosines`)."""
     if tokens is not None:
-        return tokens.scores(x, keys.shape[0], floor)
+        return tokens.scores(x, keys.shape[0], floor, starts)
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
     if groups is None:
         return unit @ keys.T
@@ -251,20 +267,22 @@ class _SubjectScores(nn.Module):
         self.shift = float(s.shift)
         self.floor = float(self.thresholds.min()) if len(self.thresholds) else 0.0  # once per store change
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
         """``[..., m]``: :func:`subject_cosines` of ``x`` ``[..., d_ff]``."""
-        return subject_cosines(x, self.keys, self.groups, self.pooled, self.shift, self.tokens, self.floor)
+        return subject_cosines(x, self.keys, self.groups, self.pooled, self.shift, self.tokens, self.floor, starts)
 
 
 class GatedProjection(_SubjectScores):
     """Wraps ``base_layer`` (Linear or Conv1D); ``subjects``: the stored keys and thresholds
     (:class:`StoredSubjects`), residuals ``[m, d_model]``."""
 
-    def __init__(self, base_layer: nn.Module, subjects: StoredSubjects, residuals: torch.Tensor):
+    def __init__(self, base_layer: nn.Module, subjects: StoredSubjects, residuals: torch.Tensor,
+                 rows: RowStarts | None = None):
         super().__init__()
         self.base_layer = base_layer
         self.enabled = True
         self.trace: list[Firing] | None = None
+        self.rows = rows or RowStarts()
         self.set_memory(subjects, residuals)
 
     def set_memory(self, subjects: StoredSubjects, residuals: torch.Tensor) -> None:
@@ -275,9 +293,33 @@ class GatedProjection(_SubjectScores):
         out = self.base_layer(x)
         if not self.enabled or self.keys.shape[0] == 0:
             return out
-        best, index = self.scores(x).max(dim=-1)
+        best, index = self.scores(x, self.rows.starts(x) if self.tokens is not None else None).max(dim=-1)
         fired = best > self.thresholds[index]
         return _add_fired(out, best, index, fired, self.residuals, self.trace)
+
+
+class RowStarts:
+    """Where each row's text begins, from the attention mask the model was called with (recorded by
+    a forward pre-hook on the decoder stack, :func:`install`): left padding moves a prompt's first
+    token away from column 0, and a KV-cached call begins after its text."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.handle: Any = None
+
+    def record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def starts(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``[b]`` for token keys ``x`` ``[b, t, d_ff]``: the column of each row's first real token in
+        this call, −1 where it came in an earlier call; None without a 2-D mask of this batch (then
+        every row begins at the call's column 0)."""
+        mask = self.mask
+        if x.dim() != 3 or mask is None or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+            return None
+        first = (mask != 0).int().argmax(dim=1) - (mask.shape[1] - x.shape[1])  # the mask spans cached columns too
+        return torch.where(first < 0, -1, first).to(x.device)
 
 
 class RelationState:
@@ -397,7 +439,10 @@ def install(model: nn.Module, path: str, subjects: StoredSubjects, residuals: to
     if isinstance(current, GatedProjection):
         current.set_memory(subjects, residuals)
         return current
-    gate = GatedProjection(current, subjects, residuals)
+    rows = RowStarts()
+    stack = getattr(model, "base_model", model)
+    rows.handle = stack.register_forward_pre_hook(rows.record, with_kwargs=True)
+    gate = GatedProjection(current, subjects, residuals, rows)
     setattr(parent, name, gate)
     return gate
 
@@ -417,4 +462,6 @@ def unload(model: nn.Module) -> None:
     wrapped = [(name, m) for name, m in model.named_modules()
                if isinstance(m, (GatedProjection, RelationGatedProjection, SubjectWatch))]
     for path, module in wrapped:
+        if isinstance(module, GatedProjection) and module.rows.handle is not None:
+            module.rows.handle.remove()
         _replace(model, path, module.base_layer)

@@ -69,11 +69,11 @@ class NeuralDBHparams(TargetHparams):
     layer: int
     gamma: float = 0.65
     gate: str = "cosine"
-    key: str = "dual"  # chosen on training records: benchmarks/results/sweep-gate-dual-train.json (README)
+    key: str = "tokens"  # chosen on training records: benchmarks/results/sweep-gate-tokens-train.json (README)
     pool_max: int = 0
     pool_gamma: float = 0.45
     single_gamma: float = 0.75
-    token_gamma: float = 0.5
+    token_gamma: float = 0.3  # with key="tokens", the same sweep
     first_gamma: float = 0.999
     radius_margin: float = 0.02
     radius_cap: float = 0.9

@@ -187,3 +187,22 @@ def test_a_one_token_subject_opening_a_prompt_fires_by_identity():
     base = logits(lm, "boy plays the sport of")
     assert fired(ed, "boy plays the sport of") == [] and torch.equal(logits(lm, "boy plays the sport of"), base)
     ed.restore()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_subject_opening_a_left_padded_row_fires_as_in_a_row_of_its_own(arch):
+    lm = tiny_model(arch)
+    opening = EditRequest("o", "{} plays the sport of", "Michael Jordan", " chess", " basketball")
+    ids = lm.tokenizer(opening.prompt, return_tensors="pt")["input_ids"]
+    base = logits(lm, opening.prompt)
+    ed = NeuralDBEditor(lm, HP.replace(key="tokens", n_templates=1))
+    ed.edit([opening, B_IN])
+    alone = logits(lm, opening.prompt)
+    assert fired(ed, opening.prompt) == [0] and not torch.equal(alone, base)
+    pad = 3
+    padded = torch.cat([torch.full((1, pad), int(lm.tokenizer.pad_token_id)), ids], 1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], 1)
+    with torch.no_grad():
+        out = lm.model(padded, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    assert torch.allclose(out[:, pad:], alone, atol=1e-4), "the row's text begins after its padding"
+    ed.restore()
