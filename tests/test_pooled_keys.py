@@ -59,6 +59,20 @@ def test_a_pooled_key_is_what_the_gate_reads_at_the_subjects_last_token():
         gate.unload(lm.model)
 
 
+def round_trip(ed: NeuralDBEditor, tmp_path, prompt: str, fmt: str) -> NeuralDBEditor:
+    """Save ``ed``'s store and load it back: store format ``fmt``, the same logits on ``prompt``, the
+    same key choice, the same tensor bytes when saved again. Returns the loaded editor."""
+    edited = logits(ed.lm, prompt)
+    ed.save(tmp_path / "s")
+    assert FactStore.load(tmp_path / "s").meta()["format"] == fmt
+    again = NeuralDBEditor.load(ed.lm, tmp_path / "s")
+    assert torch.equal(logits(ed.lm, prompt), edited) and again.hparams.key == ed.hparams.key
+    again.save(tmp_path / "t")
+    tensors = "tensors.safetensors"
+    assert (tmp_path / "s" / tensors).read_bytes() == (tmp_path / "t" / tensors).read_bytes()
+    return again
+
+
 def test_shared_last_token_fires_only_for_its_own_subject():
     lm = tiny_model("llama")
     base, base_a = logits(lm, STRANGER), logits(lm, A_IN.prompt)
@@ -128,15 +142,8 @@ def test_dual_keys_fire_for_their_own_subject_and_the_base_comes_back(arch, tmp_
     assert fired(ed, A_IN.prompt) == [0] and fired(ed, B_IN.prompt) == [1]
     assert fired(ed, STRANGER) == [], "Toko Jordan shares only ' Jordan': its pool does not match"
     assert torch.equal(logits(lm, STRANGER), base), "nothing fires: the base output bit for bit"
-    edited = logits(lm, A_IN.prompt)
-    assert not torch.equal(edited, base_a), "the own fact fired"
-    ed.save(tmp_path / "s")
-    assert FactStore.load(tmp_path / "s").meta()["format"] == "neuraldb-store/5"
-    again = NeuralDBEditor.load(lm, tmp_path / "s")
-    assert torch.equal(logits(lm, A_IN.prompt), edited) and again.hparams.key == "dual"
-    again.save(tmp_path / "t")
-    tensors = "tensors.safetensors"
-    assert (tmp_path / "s" / tensors).read_bytes() == (tmp_path / "t" / tensors).read_bytes()
+    assert not torch.equal(logits(lm, A_IN.prompt), base_a), "the own fact fired"
+    again = round_trip(ed, tmp_path, A_IN.prompt, "neuraldb-store/5")
     again.remove(["a", "b"])
     assert torch.equal(logits(lm, A_IN.prompt), base_a), "every fact removed: the base logits bit for bit"
     again.restore()

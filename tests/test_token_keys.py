@@ -18,7 +18,7 @@ from neuraldb.prompts import encode_with_subject
 from neuraldb.store import FactStore, StoreError
 
 from .conftest import tiny_model
-from .test_pooled_keys import A_IN, B_IN, STRANGER
+from .test_pooled_keys import A_IN, B_IN, STRANGER, round_trip
 from .test_radius import HP, fired, logits
 
 # a near-namesake of a stored name that differs from it in the middle word only
@@ -130,15 +130,8 @@ def test_a_near_namesake_does_not_fire_and_the_base_comes_back(arch, tmp_path):
     assert fired(ed, NAMESAKE) == [], "Anna Kim Jordan differs from Anna Lee Jordan in one token"
     assert torch.equal(logits(lm, STRANGER), base) and torch.equal(logits(lm, NAMESAKE), base_n), \
         "nothing fires: the base output bit for bit"
-    edited = logits(lm, A_IN.prompt)
-    assert not torch.equal(edited, base_a), "the own fact fired"
-    ed.save(tmp_path / "s")
-    assert FactStore.load(tmp_path / "s").meta()["format"] == "neuraldb-store/6"
-    again = NeuralDBEditor.load(lm, tmp_path / "s")
-    assert torch.equal(logits(lm, A_IN.prompt), edited) and again.hparams.key == "tokens"
-    again.save(tmp_path / "t")
-    tensors = "tensors.safetensors"
-    assert (tmp_path / "s" / tensors).read_bytes() == (tmp_path / "t" / tensors).read_bytes()
+    assert not torch.equal(logits(lm, A_IN.prompt), base_a), "the own fact fired"
+    again = round_trip(ed, tmp_path, A_IN.prompt, "neuraldb-store/6")
     again.remove(["b"])  # the token keys of the facts kept stay theirs
     assert fired(again, A_IN.prompt) == [0] and fired(again, C_IN.prompt) == [1]
     kept = s.tokens.select([0, 2])
