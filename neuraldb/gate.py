@@ -335,10 +335,12 @@ class SubjectWatch(_SubjectScores):
     """Wraps the subject layer's FFN output projection; returns its output untouched and records in
     ``state.seen`` which facts' subjects (:class:`StoredSubjects`) were seen at or before each token."""
 
-    def __init__(self, base_layer: nn.Module, subjects: StoredSubjects, state: RelationState):
+    def __init__(self, base_layer: nn.Module, subjects: StoredSubjects, state: RelationState,
+                 rows: RowStarts | None = None):
         super().__init__()
         self.base_layer = base_layer
         self.state = state
+        self.rows = rows or RowStarts()
         self.set_subjects(subjects)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,7 +348,7 @@ class SubjectWatch(_SubjectScores):
         self.state.seen = None
         if not self.state.enabled or self.keys.shape[0] == 0 or x.dim() != 3:
             return out
-        hit = self.scores(x) > self.thresholds  # [b, t, m]
+        hit = self.scores(x, self.rows.starts(x) if self.tokens is not None else None) > self.thresholds  # [b, t, m]
         self.state.seen = hit.to(torch.uint8).cummax(dim=1).values.bool()
         return out
 
@@ -416,7 +418,7 @@ def install_relation(model: nn.Module, subject_path: str, relation_path: str, su
         current.set_memory(relation_map, relation_keys, residuals, rho)
         return current
     state = RelationState()
-    _replace(model, subject_path, SubjectWatch(watch, subjects, state))
+    _replace(model, subject_path, SubjectWatch(watch, subjects, state, _row_starts(model)))
     g = RelationGatedProjection(current, relation_map, relation_keys, residuals, rho, state)
     _replace(model, relation_path, g)
     return g
@@ -439,12 +441,18 @@ def install(model: nn.Module, path: str, subjects: StoredSubjects, residuals: to
     if isinstance(current, GatedProjection):
         current.set_memory(subjects, residuals)
         return current
+    gate = GatedProjection(current, subjects, residuals, _row_starts(model))
+    setattr(parent, name, gate)
+    return gate
+
+
+def _row_starts(model: nn.Module) -> RowStarts:
+    """A :class:`RowStarts` recording the attention mask of each call of the decoder stack (its
+    hook is removed by :func:`unload`)."""
     rows = RowStarts()
     stack = getattr(model, "base_model", model)
     rows.handle = stack.register_forward_pre_hook(rows.record, with_kwargs=True)
-    gate = GatedProjection(current, subjects, residuals, rows)
-    setattr(parent, name, gate)
-    return gate
+    return rows
 
 
 Gate = GatedProjection | RelationGatedProjection
@@ -462,6 +470,6 @@ def unload(model: nn.Module) -> None:
     wrapped = [(name, m) for name, m in model.named_modules()
                if isinstance(m, (GatedProjection, RelationGatedProjection, SubjectWatch))]
     for path, module in wrapped:
-        if isinstance(module, GatedProjection) and module.rows.handle is not None:
+        if isinstance(module, (GatedProjection, SubjectWatch)) and module.rows.handle is not None:
             module.rows.handle.remove()
         _replace(model, path, module.base_layer)

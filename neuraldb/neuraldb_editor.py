@@ -56,7 +56,7 @@ class NeuralDBHparams(TargetHparams):
     :func:`neuraldb.gate.window_cosines`) or ``"dual"`` (with the cosine or relation gate: both must
     match, the last token's key above γ and the pool of the subject's tokens above ``pool_gamma``:
     :func:`neuraldb.gate.subject_cosines`; a one-token subject, which has no pool to check, fires
-    above ``single_gamma`` instead of γ) or ``"tokens"`` (with the cosine gate: the last token's key
+    above ``single_gamma`` instead of γ) or ``"tokens"`` (with the cosine or relation gate: the last token's key
     above γ and every earlier subject token's key, aligned from the end, above ``token_gamma``, in
     one of the subject's tokenisations; a first token opening a forward call, where keys are alike,
     must be the subject's own, cosine above ``first_gamma`` with its key there:
@@ -93,10 +93,10 @@ class NeuralDBHparams(TargetHparams):
             raise ValueError(f"key must be one of {', '.join(KEYS)}, got {self.key!r}")
         if self.pool_max < 0:
             raise ValueError(f"pool_max must be 0 (the whole subject) or more, got {self.pool_max}")
-        if self.key in ("pooled", "tokens") and self.gate != "cosine":
-            raise ValueError(f"key={self.key} works with gate=cosine, not gate={self.gate}")
-        if self.key == "dual" and self.gate == "radius":
-            raise ValueError("key=dual works with gate=cosine or gate=relation, not gate=radius")
+        if self.key == "pooled" and self.gate != "cosine":
+            raise ValueError(f"key=pooled works with gate=cosine, not gate={self.gate}")
+        if self.key in ("dual", "tokens") and self.gate == "radius":
+            raise ValueError(f"key={self.key} works with gate=cosine or gate=relation, not gate=radius")
         if not -1.0 <= self.pool_gamma < 1.0:
             raise ValueError(f"pool_gamma must be in [-1, 1), got {self.pool_gamma}")
         if not -1.0 <= self.single_gamma < 1.0:
@@ -314,7 +314,7 @@ class NeuralDBEditor(Editor):
                                 zeros), \
                 h.layer, k.theta
         g = gate.install_relation(lm.model, self.path, lm.arch.w_out_path(h.relation_layer),
-                                  self.subjects(k.keys, k.theta, k.windows, k.pooled), self.store.relation,
+                                  self.subjects(k.keys, k.theta, k.windows, k.pooled, k.tokens), self.store.relation,
                                   k.relation, zeros, -2.0)
         return g, h.relation_layer, torch.full((m,), h.relation_gamma)
 

@@ -301,9 +301,10 @@ def _tokens(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) 
 
 
 def _relation(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> RelationMap | None:
-    """The relation map of a format-3 store, or of a format-5 store with a relation layer (None for
-    the others), checked."""
-    if meta["format"] != FORMAT_RELATION and not (meta["format"] == FORMAT_DUAL and "relation_layer" in meta):
+    """The relation map of a format-3 store, or of a format-5 or -6 store with a relation layer (None
+    for the others), checked."""
+    if meta["format"] != FORMAT_RELATION and not (meta["format"] in (FORMAT_DUAL, FORMAT_TOKENS)
+                                                  and "relation_layer" in meta):
         return None
     need = ("relation_keys", "relation_mean", "relation_scale", "relation_weight")
     if missing := [n for n in need if n not in t]:

@@ -16,7 +16,7 @@ from neuraldb.files import sha256_file
 from neuraldb.hooks import capture, get_module
 from neuraldb.neuraldb_editor import NeuralDBEditor, NeuralDBHparams
 from neuraldb.relation import RelationMap, fit, fit_indexed
-from neuraldb.store import FORMAT_RELATION, FactStore, StoreError
+from neuraldb.store import FORMAT_RELATION, FORMAT_TOKENS, FactStore, StoreError
 
 from .conftest import tiny_model
 
@@ -101,9 +101,11 @@ def _editor(lm, hp: NeuralDBHparams = HP) -> NeuralDBEditor:
     return ed
 
 
-@pytest.mark.parametrize(("arch", "key"), [("llama", "last"), ("gpt2", "last"), ("llama", "dual")])
+@pytest.mark.parametrize(("arch", "key"), [("llama", "last"), ("gpt2", "last"), ("llama", "dual"),
+                                           ("llama", "tokens")])
 def test_editor_edits_removes_and_round_trips(arch, key, tmp_path):
-    """With key=dual the subject watch reads both keys and the store (format 5) keeps them beside the map."""
+    """With key=dual the subject watch reads both keys and the store (format 5) keeps them beside the
+    map; with key=tokens it reads the subject's tokens in place (format 6, beside the map)."""
     lm = tiny_model(arch)
     prompt, unrelated = FACT.prompt, "Rome is the capital of"
     with torch.no_grad():
@@ -119,9 +121,10 @@ def test_editor_edits_removes_and_round_trips(arch, key, tmp_path):
     ed.save(tmp_path / "s")
     loaded = NeuralDBEditor.load(lm, tmp_path / "s")
     meta = FactStore.load(tmp_path / "s").meta()
-    assert meta["format"] == (FORMAT_RELATION if key == "last" else "neuraldb-store/5")
+    assert meta["format"] == {"last": FORMAT_RELATION, "dual": "neuraldb-store/5", "tokens": FORMAT_TOKENS}[key]
     assert meta["relation_layer"] == RELATION_LAYER
     assert loaded.store.relation is not None and (loaded.store.pooled_keys is not None) == (key == "dual")
+    assert (loaded.store.tokens is not None) == (key == "tokens")
     with torch.no_grad():
         assert torch.equal(lm.model(_ids(lm, prompt)).logits, edited)
     loaded.remove(["lennon"])
@@ -249,3 +252,26 @@ def test_store_whose_gate_does_not_match_its_map_is_refused(tmp_path):
     with pytest.raises(StoreError, match="does not match its relation map"):
         NeuralDBEditor.load(lm, tmp_path / "s")
 
+
+
+def test_with_token_keys_the_subject_watch_does_not_see_a_near_namesake():
+    """The relation gate's subject side with key=tokens: the same question asked of a name that differs
+    from a stored one in its middle token sees no stored subject, so nothing fires (base output bit for
+    bit); the last-token key sees Anna Lee Jordan there and fires."""
+    from .test_radius import fired, logits
+    from .test_token_keys import C_IN, NAMESAKE
+
+    lm = tiny_model("llama")
+    base, base_own = logits(lm, NAMESAKE), logits(lm, C_IN.prompt)
+    hp = HP.replace(gamma=0.5, relation_gamma=0.5, token_gamma=0.7)
+    plain = _editor(lm, hp)
+    plain.edit([C_IN])
+    assert fired(plain, NAMESAKE) == [0], "the last-token key: ' Jordan' is enough"
+    plain.restore()
+    ed = _editor(lm, hp.replace(key="tokens"))
+    ed.edit([C_IN])
+    assert fired(ed, C_IN.prompt) == [0] and not torch.equal(logits(lm, C_IN.prompt), base_own)
+    assert fired(ed, NAMESAKE) == [] and torch.equal(logits(lm, NAMESAKE), base)
+    ed.remove(["c"])
+    assert torch.equal(logits(lm, C_IN.prompt), base_own), "every fact removed: the base logits bit for bit"
+    ed.restore()

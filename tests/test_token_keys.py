@@ -161,8 +161,8 @@ def test_a_token_store_refuses_missing_or_misshapen_token_keys(tmp_path):
         store.add(fact, key, res, tokens=TokenKeys(row.repeat(2, 1), one, torch.tensor([0]), row[:0], row))
     with pytest.raises(StoreError, match="last-token keys"):
         store.add(fact, key, res, tokens=TokenKeys(row.repeat(2, 1), one, torch.tensor([0]), row, row * torch.nan))
-    with pytest.raises(ValueError, match="key=tokens works with gate=cosine"):
-        HP.replace(key="tokens", gate="relation").validate(lm)
+    with pytest.raises(ValueError, match="key=tokens works with gate=cosine or gate=relation"):
+        HP.replace(key="tokens", gate="radius").validate(lm)
     with pytest.raises(ValueError, match="token_gamma"):
         HP.replace(key="tokens", token_gamma=1.0).validate(lm)
     ed.save(tmp_path / "s")
