@@ -433,7 +433,8 @@ def _ns(text: str) -> tuple[int, ...]:
 
 
 def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, batch_size: int, sequential: bool,
-                    sample_seed: int | None, generation_every: int, seed: int, hparam: list[str], out: Path | None,
+                    sample_seed: int | None, generation_every: int, seed: int, keep_edited_probes: bool,
+                    hparam: list[str], out: Path | None,
                     resume: bool, rows_from: list[Path], check: Path | None, tolerance: float, device: str, dtype: str,
                     general: str | None, limit: int | None, mquake_set: str | None, mquake_n: int,
                     mquake_group: int) -> None:
@@ -449,7 +450,7 @@ def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, bat
         get_editor(name)
     protocol = Protocol(dataset, _ns(n), batch_size, sequential, sample_seed)
     protocol.validate()
-    opts = EvalOptions(generation_every=generation_every, seed=seed)
+    opts = EvalOptions(generation_every=generation_every, seed=seed, keep_edited_probes=keep_edited_probes)
     opts.validate()
     if check is not None and not check.is_file():
         raise ValueError(f"--check {check}: no such file")
@@ -567,6 +568,9 @@ SequentialOpt = Annotated[bool, typer.Option(help="Keep all edits (evaluate afte
 SampleSeedOpt = Annotated[int | None, typer.Option(help="Evaluate a seeded random sample instead of the first N.")]
 GenerationEveryOpt = Annotated[int, typer.Option(help="Generate for fluency on every k-th case (0: never).")]
 GenSeedOpt = Annotated[int, typer.Option(help="Seed of the generation sampler.")]
+KeepEditedOpt = Annotated[bool, typer.Option(help="Also count neighbourhood and locality prompts that are the edit "
+                                                  "prompt of a fact edited in the run (left out by default: their "
+                                                  "answer is meant to change).")]
 RunHparamOpt = Annotated[list[str], typer.Option(
     "--hparam", "-H", metavar="[EDITOR:]KEY=VALUE",
     help="Hyperparameter, e.g. memit:mom2_update_weight=5000; without EDITOR: for every editor (repeatable).")]
@@ -599,6 +603,7 @@ def _run_options(
     sample_seed: SampleSeedOpt = None,
     generation_every: GenerationEveryOpt = 1,
     seed: GenSeedOpt = 0,
+    keep_edited_probes: KeepEditedOpt = False,
     hparam: RunHparamOpt = [],  # noqa: B006 - typer copies the default
     out: RunOutOpt = None,
     resume: ResumeOpt = False,

@@ -28,13 +28,16 @@ from neuraldb.scoring import CandidateScore, score_candidates
 @dataclass(frozen=True)
 class EvalOptions:
     """How records are scored. ``generation_every``: sample generations for every k-th case
-    (0 = never); ``max_length`` / ``top_k`` / ``seed``: the sampler (ROME: 100, 5)."""
+    (0 = never); ``max_length`` / ``top_k`` / ``seed``: the sampler (ROME: 100, 5);
+    ``keep_edited_probes``: count neighbourhood and locality prompts that are the edit prompt of a
+    fact edited in the run (False: left out, :func:`edited_probes`)."""
 
     generation_every: int = 1
     max_length: int = 100
     top_k: int = 5
     seed: int = 0
     batch_size: int = 64
+    keep_edited_probes: bool = False
 
     def validate(self) -> None:
         if self.generation_every < 0 or self.max_length < 2 or self.top_k < 1 or self.batch_size < 1:
@@ -128,11 +131,49 @@ def _generate(lm: LoadedModel, records: Sequence[EvalRecord], cases: list[dict[s
             progress("generation", n + 1, len(chosen))
 
 
+Dropped = dict[str, tuple[frozenset[int], frozenset[int]]]
+
+
+def edited_probes(groups: Sequence[Sequence[EvalRecord]]) -> Dropped:
+    """The prompts that must keep their answer but were themselves edited: per case id, the indices
+    of its neighbourhood prompts (``request.locality``) and of its KnowEdit locality probes (in
+    order) whose text is the edit prompt of a record edited together with it (``groups``: the sets of
+    records whose edits are in the model when each is scored: all N in a sequential run, the batch
+    otherwise). Their answer is meant to change, so specificity and locality leave them out (the
+    same for every row, the unedited one included). Only cases with such prompts are listed."""
+    out: Dropped = {}
+    for group in groups:
+        edited = {r.request.prompt.strip() for r in group}
+        for r in group:
+            nb = frozenset(i for i, (q, _) in enumerate(r.request.locality) if q.strip() in edited)
+            loc = frozenset(i for i, p in enumerate(x for x in r.probes if x.family == "locality")
+                            if p.prompt.strip() in edited)
+            if nb or loc:
+                out[r.request.id] = (nb, loc)
+    return out
+
+
+def _without(case: dict[str, Any], dropped: Dropped) -> dict[str, Any]:
+    """``case`` without the neighbourhood prompts and locality probes ``dropped`` lists for it."""
+    if case["id"] not in dropped:
+        return case
+    nb, loc = dropped[case["id"]]
+    out = case | {"neighborhood": [x for i, x in enumerate(case["neighborhood"]) if i not in nb]}
+    if "locality_tokens" in case:
+        out["locality_tokens"] = [x for i, x in enumerate(case["locality_tokens"]) if i not in loc]
+    return out
+
+
 def metrics(kind: Kind, cases: Sequence[dict[str, Any]],
-            reference: Sequence[dict[str, Any]] | None = None) -> dict[str, float | None]:
+            reference: Sequence[dict[str, Any]] | None = None,
+            dropped: Dropped | None = None) -> dict[str, float | None]:
     """Metrics (×100) of per-case scores; unavailable families are None. Cases with KnowEdit
     fields also get KnowEdit's metrics, their locality against ``reference`` (the unedited model's
-    cases; None: ``cases`` are the unedited model's)."""
+    cases; None: ``cases`` are the unedited model's). ``dropped``: prompts left out of
+    specificity and locality, in ``cases`` and ``reference`` alike (:func:`edited_probes`)."""
+    if dropped:
+        cases = [_without(c, dropped) for c in cases]
+        reference = None if reference is None else [_without(c, dropped) for c in reference]
     if kind == "zsre":
         out = zsre_metrics([ZsreCase(c["rewrite"], tuple(c["paraphrase"]), tuple(c["neighborhood"])) for c in cases])
         if any(c.get("texts") for c in cases):

@@ -25,7 +25,7 @@ from typing import Any
 
 from evals.consistency import ReferenceTexts
 from evals.datasets import Dataset, EvalRecord, select
-from evals.evaluate import EvalOptions, metrics, score_records
+from evals.evaluate import Dropped, EvalOptions, edited_probes, metrics, score_records
 from neuraldb.editor import Editor, Hparams
 from neuraldb.facts import EditRequest
 from neuraldb.files import write_folder, write_json
@@ -100,9 +100,24 @@ def _evaluate(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], opts: Eva
     return cases, time.perf_counter() - t
 
 
-def _points(ds: Dataset, protocol: Protocol, cases: list[dict[str, Any]],
+def _points(ds: Dataset, protocol: Protocol, records: list[EvalRecord], opts: EvalOptions,
+            cases: list[dict[str, Any]],
             reference: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float | None]]:
-    return {str(n): metrics(ds.kind, cases[:n], reference) for n in protocol.n}
+    return {str(n): metrics(ds.kind, cases[:n], reference, dropped(protocol, records, opts, n))
+            for n in protocol.n}
+
+
+def _count(d: Dropped | None) -> int:
+    return sum(len(nb) + len(loc) for nb, loc in (d or {}).values())
+
+
+def dropped(protocol: Protocol, records: list[EvalRecord], opts: EvalOptions, n: int) -> Dropped | None:
+    """What the metrics at N leave out (:func:`evals.evaluate.edited_probes`): prompts that are the
+    edit prompt of a fact in the model when they are scored; None with ``keep_edited_probes``."""
+    if opts.keep_edited_probes:
+        return None
+    groups = [records[:n]] if protocol.sequential else [records[a:b] for a, b in protocol.chunks() if b <= n]
+    return edited_probes(groups)
 
 
 def evaluate_unedited(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], protocol: Protocol,
@@ -110,7 +125,7 @@ def evaluate_unedited(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], p
                       report: Report | None = None) -> dict[str, Any]:
     """The pre-edit row: per-case scores of the unedited model and its metrics at every N."""
     cases, seconds = _evaluate(lm, ds, records, opts, refs, report)
-    return {"points": _points(ds, protocol, cases), "eval_seconds": seconds, "cases": cases}
+    return {"points": _points(ds, protocol, records, opts, cases), "eval_seconds": seconds, "cases": cases}
 
 
 STATE_KEYS = {"done", "edit_seconds", "eval_seconds", "points", "cases", "resumed_at"}
@@ -212,7 +227,7 @@ def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: 
             elif end in protocol.n:
                 got, s = _evaluate(lm, ds, records[:end], opts, refs, None)
                 state["eval_seconds"] += s
-                state["points"][str(end)] = metrics(ds.kind, got, reference)
+                state["points"][str(end)] = metrics(ds.kind, got, reference, dropped(protocol, records, opts, end))
                 state["cases"] = got
             state["done"] = end
             if checkpoint and end < chunks[-1][1]:
@@ -223,7 +238,7 @@ def run_editor(lm: LoadedModel, editor_cls: type[Editor], hparams: Hparams, ds: 
         editor.restore()
     if fingerprint(lm.model) != base:
         raise RuntimeError(f"{editor_cls.name} did not restore the unedited model")
-    points = state["points"] if protocol.sequential else _points(ds, protocol, state["cases"], reference)
+    points = state["points"] if protocol.sequential else _points(ds, protocol, records, opts, state["cases"], reference)
     row = {"hparams": editor.hparams.to_dict(), "points": points, "edit_seconds": state["edit_seconds"],
            "eval_seconds": state["eval_seconds"], "edits": len(requests), "cases": state["cases"]}
     return (row | ({"general": general} if general is not None else {})
@@ -237,7 +252,8 @@ def header(lm: LoadedModel, ds: Dataset, records: list[EvalRecord], protocol: Pr
             "dataset": ds.describe() | {
         "selected": len(records), "records_sha256": records_sha(records)},
         "protocol": protocol.to_dict(), "evaluation": opts.to_dict() | {
-            "consistency": "available" if refs is not None else "unavailable (reference files absent)"},
+            "consistency": "available" if refs is not None else "unavailable (reference files absent)",
+            "edited_probes_left_out": {str(n): _count(dropped(protocol, records, opts, n)) for n in protocol.n}},
         "versions": versions()}
 
 

@@ -146,3 +146,38 @@ def test_knowedit_loaders_keep_every_kind():
     assert alias.answers[0] == " Syria" and len(alias.answers) > 1, "aliases kept"
     zs = datasets.load("knowedit-zsre")
     assert any(p.kind == "Relation_Specificity" for p in zs.records[0].probes)
+
+
+def test_a_probe_that_is_another_edits_prompt_is_left_out_of_locality_and_specificity():
+    """In a run that also edits "Toko Yasuda is located in", that prompt is no locality probe of Toko
+    Yasuda's other edit: its answer is meant to change. It is left out for every row alike, only
+    when the two edits are in the model together."""
+    from dataclasses import replace
+
+    from evals.evaluate import edited_probes
+
+    third = {"subject": "Toko Yasuda", "prompt": "Toko Yasuda is located in", "target_new": "Lyon",
+             "ground_truth": "Paris",
+             "portability": {"Subject_Aliasing": [{"prompt": "Yasuda is located in", "ground_truth": "Lyon"}]}}
+    spec = datasets.get_spec("knowedit-cf")
+    records = []
+    for i, raw in enumerate([*RAW, third]):
+        fields, extra = spec.parser(raw)
+        rec = EvalRecord(parse_record(fields), **extra)
+        records.append(replace(rec, request=replace(rec.request, id=f"r{i}")))
+    got = edited_probes([records])
+    assert got == {"r1": (frozenset({0}), frozenset({0}))}, "Toko Yasuda's first locality prompt is r2's edit"
+    assert edited_probes([records[:2], records[2:]]) == {}, "edited apart, restored in between: kept"
+    (pre_lm, _), (post_lm, _) = _bigram(), _bigram(perturb=True)
+    opts = EvalOptions(generation_every=0)
+    pre, post = (score_records(lm, "counterfact", records, opts) for lm in (pre_lm, post_lm))
+
+    def cut(c):
+        if c["id"] != "r1":
+            return c
+        return c | {"neighborhood": c["neighborhood"][1:], "locality_tokens": c["locality_tokens"][1:]}
+
+    left_out = metrics("counterfact", post, pre, got)
+    assert left_out == metrics("counterfact", [cut(c) for c in post], [cut(c) for c in pre])
+    assert left_out["locality_relation_specificity"] is not None
+    assert metrics("counterfact", pre, None, got)["locality_relation_specificity"] == 100
