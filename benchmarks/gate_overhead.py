@@ -1,17 +1,16 @@
 """Generation speed with the NeuralDB gate holding 0, 1k and 10k facts, relative to no gate.
 
 The stored keys/residuals are real-shaped (unit-norm random keys, random residuals); what is
-measured is the cost of the lookup (one matmul per forward at the edit layer). ``--key`` picks the
-subject keys: ``last`` (one key per fact), ``dual`` (and a pooled key per fact, window 3) or
-``tokens`` (two forms per fact, of 4 and 3 tokens, with first-token keys). Random keys never match a
+measured is the cost of the lookup (one matmul per forward at the edit layer). ``--keys`` lists the
+subject keys to measure in one run: ``last`` (one key per fact), ``dual`` (and a pooled key per
+fact, window 3), ``tokens`` (two forms per fact, of 4 and 3 tokens, with first-token keys). Random keys never match a
 prompt, so with ``tokens`` no fact is hot and the cost measured is the gate's on text that names no
 stored subject (:meth:`neuraldb.gate.StoredTokens.scores`). Greedy generation
 of ``--new-tokens`` tokens after each prompt, best of ``--repeats`` runs. Each gated measurement
 is paired with a no-gate measurement taken just before it (after one warm-up run), so a slow
 phase of the machine affects both sides of a ratio alike.
 
-Usage:  python benchmarks/gate_overhead.py --out results/gate_overhead.json
-        python benchmarks/gate_overhead.py --key tokens --out benchmarks/results/gate_overhead_tokens.json
+Usage:  python benchmarks/gate_overhead.py --keys last,dual,tokens --out benchmarks/results/gate_overhead_keys.json
 """
 
 from __future__ import annotations
@@ -66,9 +65,12 @@ def main() -> None:
     ap.add_argument("--sizes", default="0,1000,10000")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--key", choices=("last", "dual", "tokens"), default="last")
+    ap.add_argument("--keys", default="last,tokens", help="comma-separated: last, dual, tokens")
     ap.add_argument("--out", default="results/gate_overhead.json")
     args = ap.parse_args()
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    if not keys or (bad := set(keys) - {"last", "dual", "tokens"}):
+        raise SystemExit(f"--keys: unknown key(s) {', '.join(sorted(bad)) if keys else '(none)'}")
     lm = models.load(args.model)
     h = NeuralDBEditor.default_hparams(lm)
     path = lm.arch.w_out_path(h.layer)
@@ -76,16 +78,17 @@ def main() -> None:
     tokens_per_s(lm, args.new_tokens, 1)  # warm-up
     rows, bases = [], []
     for m in [int(x) for x in args.sizes.split(",")]:
-        base = tokens_per_s(lm, args.new_tokens, args.repeats)
-        bases.append(base)
-        residuals = torch.randn(m, lm.arch.d_model, generator=g) * 0.01
-        gate.install(lm.model, path, subjects(args.key, m, lm.arch.d_ff, h, g), residuals)
-        tps = tokens_per_s(lm, args.new_tokens, args.repeats)
-        gate.unload(lm.model)
-        rows.append({"facts": m, "tokens_per_s": tps, "no_gate_tokens_per_s": base, "relative_to_no_gate": tps / base,
-                     "overhead_pct": 100.0 * (base / tps - 1.0)})
-        print(json.dumps(rows[-1]), flush=True)
-    result = {"benchmark": "gate_overhead", "model": args.model, "layer": h.layer, "key": args.key,
+        for key in keys:  # each gated measurement right after its own no-gate one
+            base = tokens_per_s(lm, args.new_tokens, args.repeats)
+            bases.append(base)
+            residuals = torch.randn(m, lm.arch.d_model, generator=g) * 0.01
+            gate.install(lm.model, path, subjects(key, m, lm.arch.d_ff, h, g), residuals)
+            tps = tokens_per_s(lm, args.new_tokens, args.repeats)
+            gate.unload(lm.model)
+            rows.append({"key": key, "facts": m, "tokens_per_s": tps, "no_gate_tokens_per_s": base,
+                         "relative_to_no_gate": tps / base, "overhead_pct": 100.0 * (base / tps - 1.0)})
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"benchmark": "gate_overhead", "model": args.model, "layer": h.layer, "keys": keys,
               "new_tokens": args.new_tokens,
               "prompts": len(PROMPTS), "no_gate_tokens_per_s": sum(bases) / len(bases), "rows": rows,
               "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}}
