@@ -90,10 +90,10 @@ def kinds(t: Trace, own: int, theta: torch.Tensor, prompt: str, subjects: list[s
     return out
 
 
-def foreign_tokens(t: Trace, own: int, theta: torch.Tensor, tok: object) -> list[str]:
-    """The text (stripped) of every scored token of ``t`` where a fact other than ``own`` fires: on
-    an edit prompt, what another fact overwrites (a lone digit: a key read at a number)."""
-    return [tok.decode([t.ids[p]]).strip() for p in t.scored()  # type: ignore[attr-defined]
+def foreign_tokens(t: Trace, own: int, theta: torch.Tensor, tok: object) -> list[tuple[str, int]]:
+    """(text (stripped), fact) of every scored token of ``t`` where a fact other than ``own`` fires:
+    on an edit prompt, what another fact overwrites (a lone digit: a key read at a number)."""
+    return [(tok.decode([t.ids[p]]).strip(), int(t.index[p])) for p in t.scored()  # type: ignore[attr-defined]
             if int(t.index[p]) != own and float(t.cosine[p]) > float(theta[t.index[p]])]
 
 
@@ -120,7 +120,9 @@ def rates(rewrite: list[Trace], para: list[list[Trace]], neigh: list[list[Trace]
         table[name] = {
             "rewrite_own_fires_pct": share([fires_own(t, i, theta) for i, t in enumerate(rewrite)]),
             "rewrite_foreign_fires": sum(bool(f) for f in foreign),
-            "rewrite_foreign_digit_fires": sum(any(x.isdigit() for x in f) for f in foreign),
+            "rewrite_foreign_digit_fires": sum(any(x.isdigit() for x, _ in f) for f in foreign),
+            "rewrite_foreign_examples": [{"subject": subjects[i], "token": x, "fired": subjects[j]}
+                                         for i, f in enumerate(foreign) for x, j in f[:1]][:50],
             "paraphrase_own_fires_pct": share([fires_own(t, i, theta) for i, ts in enumerate(para) for t in ts]),
             "neighbourhood_any_fires_pct": share([bool(k) for k in nk]),
             "neighbourhood_fact_pct": {who: share([f"{who}_prompt" in k for k in nk]) for who in WHO},
