@@ -65,19 +65,24 @@ def window_groups(windows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return [(w, (windows == w).nonzero().squeeze(1)) for w in sorted({int(w) for w in windows.tolist()})]
 
 
-def window_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+def window_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, torch.Tensor]],
+                   starts: torch.Tensor | None = None) -> torch.Tensor:
     """Cosines ``[b, t, m]`` of pooled token keys with stored unit keys ``[m, d_ff]``.
 
     ``groups``: :func:`window_groups` of the facts' windows. Fact j's key pools its window w
     (its subject's length in tokens): at token t, the sum of the unit keys of tokens t-w+1 … t of
-    ``x`` ``[b, t, d_ff]`` (w = 1: token t's key, as the plain gate), leaving out the call's first
-    token when w > 1 (the attention sink every sequence starts with); where a window does not fit
-    in the call (t < w - 1) the cosine is -2 (never fires). One pass per distinct window length,
-    none per fact or token."""
+    ``x`` ``[b, t, d_ff]`` (w = 1: token t's key, as the plain gate), leaving out each row's first
+    token when w > 1 (the attention sink every sequence starts with) and any left padding before
+    it; where a window does not fit in the row's text in this call (t < start + w − 1) the cosine
+    is -2 (never fires). ``starts`` ``[b]``: where each row's text begins in this call
+    (:class:`RowStarts`; −1: in an earlier call, nothing left out; None: at column 0). One pass per
+    distinct window length, none per fact or token."""
     u = torch.nn.functional.normalize(x.float(), dim=-1)
+    b, n = u.shape[:2]
+    starts = u.new_zeros(b, dtype=torch.long) if starts is None else starts
+    pos = torch.arange(n, device=u.device)[None, :]
     cos = u.new_full((*u.shape[:-1], keys.shape[0]), -2.0)
-    sinkless = u.clone()
-    sinkless[:, :1] = 0.0
+    sinkless = torch.where((pos <= starts[:, None])[..., None], 0.0, u)  # padding and each row's first token
     pooled, done = torch.zeros_like(u), 0  # pooled = Σ_{j < done} sinkless shifted right by j
     for w, cols in groups:
         if w == 1:
@@ -87,8 +92,7 @@ def window_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int, 
             pooled[:, j:] += sinkless[:, : u.shape[1] - j]
         done = w
         c = torch.nn.functional.normalize(pooled, dim=-1) @ keys[cols].T  # [b, t, m_w]
-        c[:, : w - 1] = -2.0
-        cos[..., cols] = c
+        cos[..., cols] = torch.where((pos < starts.clamp(min=0)[:, None] + w - 1)[..., None], -2.0, c)
     return cos
 
 
@@ -229,9 +233,10 @@ def subject_cosines(x: torch.Tensor, keys: torch.Tensor, groups: list[tuple[int,
     if groups is None:
         return unit @ keys.T
     rows = x.reshape(-1, *x.shape[-2:])  # the window runs along the sequence dimension
+    starts = starts if starts is not None and x.dim() == 3 else None
     if pooled is None:
-        return window_cosines(rows, keys, groups).reshape(*x.shape[:-1], -1)
-    pool = window_cosines(rows, pooled, groups).reshape(*x.shape[:-1], -1)
+        return window_cosines(rows, keys, groups, starts).reshape(*x.shape[:-1], -1)
+    pool = window_cosines(rows, pooled, groups, starts).reshape(*x.shape[:-1], -1)
     return torch.minimum(unit @ keys.T, pool + shift)
 
 
@@ -293,7 +298,7 @@ class GatedProjection(_SubjectScores):
         out = self.base_layer(x)
         if not self.enabled or self.keys.shape[0] == 0:
             return out
-        best, index = self.scores(x, self.rows.starts(x) if self.tokens is not None else None).max(dim=-1)
+        best, index = self.scores(x, self.rows.starts(x)).max(dim=-1)
         fired = best > self.thresholds[index]
         return _add_fired(out, best, index, fired, self.residuals, self.trace)
 
@@ -348,7 +353,7 @@ class SubjectWatch(_SubjectScores):
         self.state.seen = None
         if not self.state.enabled or self.keys.shape[0] == 0 or x.dim() != 3:
             return out
-        hit = self.scores(x, self.rows.starts(x) if self.tokens is not None else None) > self.thresholds  # [b, t, m]
+        hit = self.scores(x, self.rows.starts(x)) > self.thresholds  # [b, t, m]
         self.state.seen = hit.to(torch.uint8).cummax(dim=1).values.bool()
         return out
 

@@ -167,3 +167,19 @@ def test_dual_keys_raise_a_one_token_subjects_threshold_to_single_gamma():
     assert ed.store.thresholds().tolist() == pytest.approx([HP.gamma, 0.8])
     assert torch.equal(ed.gate_keys([A_IN, one]).theta, ed.store.thresholds())
     ed.restore()
+
+
+def test_pooled_cosines_of_a_left_padded_row_are_those_of_the_row_alone():
+    """A row's text after p columns of left padding pools as the row alone: its first token (the sink)
+    and the padding are left out, and a window that would reach into them does not fire."""
+    window_cosines, window_groups = gate.window_cosines, gate.window_groups
+    g = torch.Generator().manual_seed(0)
+    text, pad = torch.randn(1, 5, 16, generator=g), 3
+    keys = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    groups = window_groups(torch.tensor([1, 2, 3, 5]))
+    alone = window_cosines(text, keys, groups)
+    padded = torch.cat([torch.randn(1, pad, 16, generator=g), text], 1)
+    got = window_cosines(padded, keys, groups, torch.tensor([pad]))
+    assert torch.allclose(got[:, pad:], alone, atol=1e-6) and bool((got[:, :pad, 1:] == -2).all())
+    assert not torch.allclose(window_cosines(padded, keys, groups)[:, pad:], alone, atol=1e-6), \
+        "read from column 0, the padding and the sink would be pooled"

@@ -183,12 +183,15 @@ def test_a_one_token_subject_opening_a_prompt_fires_by_identity():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_subject_opening_a_left_padded_row_fires_as_in_a_row_of_its_own(arch):
+@pytest.mark.parametrize("key", ["tokens", "dual", "pooled"])
+def test_a_subject_opening_a_left_padded_row_fires_as_in_a_row_of_its_own(arch, key):
+    """Token keys check the row's first token by identity, pooled keys leave it out (the sink): both
+    read where the row begins from the attention mask, not column 0."""
     lm = tiny_model(arch)
     opening = EditRequest("o", "{} plays the sport of", "Michael Jordan", " chess", " basketball")
     ids = lm.tokenizer(opening.prompt, return_tensors="pt")["input_ids"]
     base = logits(lm, opening.prompt)
-    ed = NeuralDBEditor(lm, HP.replace(key="tokens", n_templates=1))
+    ed = NeuralDBEditor(lm, HP.replace(key=key, n_templates=1))
     ed.edit([opening, B_IN])
     alone = logits(lm, opening.prompt)
     assert fired(ed, opening.prompt) == [0] and not torch.equal(alone, base)
