@@ -121,6 +121,11 @@ def rates(rewrite: list[Trace], para: list[list[Trace]], neigh: list[list[Trace]
             "rewrite_own_fires_pct": share([fires_own(t, i, theta) for i, t in enumerate(rewrite)]),
             "rewrite_foreign_fires": sum(bool(f) for f in foreign),
             "rewrite_foreign_digit_fires": sum(any(x.isdigit() for x, _ in f) for f in foreign),
+            # the same, without the facts that share the prompt's subject (ZsRE edits one subject several times)
+            "rewrite_foreign_other_subject_fires": sum(any(subjects[j] != subjects[i] for _, j in f)
+                                                       for i, f in enumerate(foreign)),
+            "rewrite_foreign_other_subject_digit_fires": sum(
+                any(x.isdigit() and subjects[j] != subjects[i] for x, j in f) for i, f in enumerate(foreign)),
             "rewrite_foreign_examples": [{"subject": subjects[i], "token": x, "fired": subjects[j]}
                                          for i, f in enumerate(foreign) for x, j in f[:1]][:50],
             "paraphrase_own_fires_pct": share([fires_own(t, i, theta) for i, ts in enumerate(para) for t in ts]),
