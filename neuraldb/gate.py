@@ -272,8 +272,10 @@ class _SubjectScores(nn.Module):
         self.shift = float(s.shift)
         self.floor = float(self.thresholds.min()) if len(self.thresholds) else 0.0  # once per store change
 
-    def scores(self, x: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
-        """``[..., m]``: :func:`subject_cosines` of ``x`` ``[..., d_ff]``."""
+    def scores(self, x: torch.Tensor, rows: RowStarts | None = None) -> torch.Tensor:
+        """``[..., m]``: :func:`subject_cosines` of ``x`` ``[..., d_ff]``; ``rows``: where each row
+        begins, read only by the keys that look before the token (pooled, dual and token keys)."""
+        starts = rows.starts(x) if rows is not None and (self.tokens is not None or self.groups is not None) else None
         return subject_cosines(x, self.keys, self.groups, self.pooled, self.shift, self.tokens, self.floor, starts)
 
 
@@ -298,7 +300,7 @@ class GatedProjection(_SubjectScores):
         out = self.base_layer(x)
         if not self.enabled or self.keys.shape[0] == 0:
             return out
-        best, index = self.scores(x, self.rows.starts(x)).max(dim=-1)
+        best, index = self.scores(x, self.rows).max(dim=-1)
         fired = best > self.thresholds[index]
         return _add_fired(out, best, index, fired, self.residuals, self.trace)
 
@@ -353,7 +355,7 @@ class SubjectWatch(_SubjectScores):
         self.state.seen = None
         if not self.state.enabled or self.keys.shape[0] == 0 or x.dim() != 3:
             return out
-        hit = self.scores(x, self.rows.starts(x)) > self.thresholds  # [b, t, m]
+        hit = self.scores(x, self.rows) > self.thresholds  # [b, t, m]
         self.state.seen = hit.to(torch.uint8).cummax(dim=1).values.bool()
         return out
 
