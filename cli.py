@@ -560,8 +560,10 @@ _MQ_HELP = ("Also run MQuAKE (mquake, mquake-akew, mquake-hard) with the same ed
 # Options `eval` and `compare` share: declared once, used by both signatures.
 DatasetOpt = Annotated[str, typer.Option(help="counterfact, mcf, counterfact-mend, zsre, knowedit-cf, mquake, "
                                               "mquake-hard, … (`neuraldb data list`).")]
-NOpt = Annotated[str, typer.Option(help="Numbers of edits to evaluate at, e.g. 1000 or 100,500,1000 "
-                                        "(the first N records each).")]
+NOpt = Annotated[str, typer.Option("--n", "--num-edits",
+                                   help="Numbers of edits to evaluate at, e.g. 1000 or 100,500,1000 (the first N "
+                                        "records each). Under torchrun write --num-edits: torchrun reads --n as "
+                                        "its own (ambiguous) option.")]
 RunBatchOpt = Annotated[int, typer.Option(help="Facts per edit call (MEMIT / AlphaEdit: per closed-form batch).")]
 SequentialOpt = Annotated[bool, typer.Option(help="Keep all edits (evaluate after the first N); --no-sequential: "
                                                   "restore after each batch (MEMIT's evaluate.py).")]
@@ -770,7 +772,16 @@ def models_cmd() -> None:
 
 
 def main() -> None:  # pragma: no cover
-    app()
+    """The console script. Under ``torchrun`` every rank runs the command; rank 0 alone prints and
+    writes (``neuraldb.distributed``)."""
+    from neuraldb import distributed
+
+    if not distributed.is_main():
+        console.quiet = err.quiet = True
+    try:
+        app()
+    finally:
+        distributed.finish()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -82,6 +82,7 @@ class ClosedFormHparams(TargetHparams):
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         values["layers"] = tuple(values["layers"])
+        values.setdefault("solver", "batched")  # recorded before solvers had a choice
         return cls(**values)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from rich.table import Table
 
+from neuraldb import distributed
+
 COLUMNS = {
     "counterfact": [("efficacy", "Efficacy"), ("generalization", "Generalization"), ("specificity", "Specificity"),
                     ("fluency", "Fluency"), ("consistency", "Consistency"), ("score", "Score")],
@@ -155,11 +157,12 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         ax.set_xlabel("edits")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    if distributed.is_main():  # under torchrun only rank 0 writes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 

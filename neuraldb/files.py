@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from neuraldb import distributed
 from neuraldb.models import dumps
 
 TENSORS = "tensors.safetensors"
@@ -39,7 +40,10 @@ def sha256_file(path: Path) -> str:
 
 def write_folder(path: str | Path, fill: Callable[[Path], None]) -> None:
     """Build folder ``path`` atomically: ``fill(tmp)`` writes its contents into a temporary folder
-    beside it, which is then swapped in (the previous folder is kept until then)."""
+    beside it, which is then swapped in (the previous folder is kept until then). Under
+    ``torchrun`` only rank 0 writes."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
@@ -93,7 +97,10 @@ def read_artifact(
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file beside it, then a rename)."""
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, then a rename); under
+    ``torchrun`` only rank 0 writes."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")

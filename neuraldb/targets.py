@@ -14,15 +14,15 @@ where v₀ is the value δ is added to (the FFN output for ``site="ffn"``, the b
 asks the residual to leave the answers to other relations of the same subject alone: the keep
 prompts are :data:`KEEP_TEMPLATES` (generic relations, "{}'s mother is", …) filled with the
 subject; one whose unedited answer (top-1 token) equals the edit prompt's unedited answer probably
-asks the edited relation itself and is left out. Adam on δ only; a fact stops
-once its loss is below ``early_stop_loss``; the last iteration does not step.
+asks the edited relation itself and is left out. Adam on δ only; a fact stops once its loss
+(with the ``fast`` solver: its NLL) is below ``early_stop_loss``; the last iteration does not step.
 
-:func:`optimize` is the fast path: many facts per batch in one forward/backward, the layers up to
-the edit layer run once (their outputs and the attention keys/values of every position before the
-subject's last token are cached), the KL rows run only up to that token (the one their loss
-reads), and logits are computed only at the loss positions.
-:func:`optimize_full_forward` is the reference protocol (one fact at a time, a full forward with
-full logits at every step) used by the benchmark and the tests to check the fast path.
+:func:`optimize` runs the solver ``cfg.solver`` names (:data:`SOLVERS`). The batched solvers put
+many facts in one forward/backward: the layers up to the edit layer run once (their outputs and
+the attention keys/values of every position before the subject's last token are cached), the KL
+rows run only up to that token (the one their loss reads), and logits are computed only at the
+loss positions. :func:`optimize_full_forward` is the reference protocol (one fact at a time, a
+full forward with full logits at every step), which the benchmark and the tests check them against.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from neuraldb import distributed
 from neuraldb.editor import Hparams
 from neuraldb.facts import EditRequest
 from neuraldb.hooks import cache_from, capture, get_module, hooks, like, prefix_cache, start_at_layer
@@ -57,6 +58,30 @@ Progress = Callable[[int], None]  # called with the number of facts finished
 
 
 @dataclass(frozen=True)
+class Solver:
+    """How the residual's loss is minimised (its terms are the same for every solver).
+
+    ``batched``: many facts per forward, the prefix cached (:func:`optimize`), or the reference
+    protocol (:func:`optimize_full_forward`); ``stop_on``: what ``early_stop_loss`` is compared
+    with, the total loss (MEMIT's rule) or the target's NLL alone; ``lr_scale``: Adam's learning
+    rate is ``lr_scale`` times ``lr``; ``fit_templates``: the loss reads the bare prompt and only the
+    first this many context templates (the keys still average every template: the gate is the same).
+    """
+
+    batched: bool
+    stop_on: Literal["loss", "nll"]
+    lr_scale: float = 1.0
+    fit_templates: int | None = None  # context templates the loss reads (None: all; keys always use all)
+
+
+SOLVERS: dict[str, Solver] = {
+    "reference": Solver(batched=False, stop_on="loss"),  # MEMIT's compute_z, one fact at a time
+    "batched": Solver(batched=True, stop_on="loss"),  # the same rule, batched (the first fast path)
+    "fast": Solver(batched=True, stop_on="nll", lr_scale=4.0, fit_templates=2),
+}
+
+
+@dataclass(frozen=True)
 class TargetConfig:
     """Hyperparameters of the residual optimisation (names follow MEMIT's hparams)."""
 
@@ -72,8 +97,11 @@ class TargetConfig:
     keep_factor: float = 0.0  # weight of the KL on other relations of the subject (0: off, MEMIT's loss)
     keep_templates: tuple[str, ...] = KEEP_TEMPLATES
     position: Literal["subject", "last"] = "subject"  # where δ is added: the subject's last token or the prompt's
+    solver: str = "batched"  # a key of SOLVERS
 
     def validate(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if self.position not in ("subject", "last"):
             raise ValueError(f"position must be 'subject' or 'last', got {self.position!r}")
         if self.steps < 1:
@@ -107,12 +135,13 @@ class TargetHparams(Hparams):
     template_length: int = 10
     seed: int = 0
     keep_factor: float = 0.0
+    solver: str = "batched"
 
     def target_config(self, layer: int, site: Literal["ffn", "block"], skip_first: bool = True) -> TargetConfig:
         return TargetConfig(layer=layer, site=site, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay,
                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
                             early_stop_loss=self.early_stop_loss, skip_first_token_keys=skip_first,
-                            keep_factor=self.keep_factor)
+                            keep_factor=self.keep_factor, solver=self.solver)
 
 
 @dataclass
@@ -245,10 +274,14 @@ class LossIndex:
     weight: torch.Tensor  # 1 / (target length · rewriting rows of the fact)
 
 
-def loss_index(rows: Rows, offsets: torch.Tensor, first_col: int) -> LossIndex:
-    n_rows = torch.bincount(torch.tensor([rows.fact[r] for r in range(len(rows.fact)) if rows.targets[r]]))
+def loss_index(rows: Rows, offsets: torch.Tensor, first_col: int, only: set[int] | None = None) -> LossIndex:
+    """The NLL entries of the rewriting rows (of those in ``only`` when given), each weighted by
+    1 / (its target length · the fact's rewriting rows in use)."""
+    used = [r for r in range(len(rows.fact)) if rows.targets[r] and (only is None or r in only)]
+    n_rows = torch.bincount(torch.tensor([rows.fact[r] for r in used]))
     r_, c_, t_, f_, w_ = [], [], [], [], []
-    for r, (e, tgt) in enumerate(zip(rows.encoded, rows.targets)):
+    for r in used:
+        e, tgt = rows.encoded[r], rows.targets[r]
         for t, token in enumerate(tgt):
             r_.append(r)
             c_.append(int(offsets[r]) + e.n_prompt - 1 + t - first_col)
@@ -346,7 +379,7 @@ class _Adam:
 
     def __init__(self, n: int, d: int, cfg: TargetConfig, max_norm: torch.Tensor):
         self.delta = torch.zeros(n, d, requires_grad=True)
-        self.opt = torch.optim.Adam([self.delta], lr=cfg.lr)
+        self.opt = torch.optim.Adam([self.delta], lr=cfg.lr * SOLVERS[cfg.solver].lr_scale)
         self.max_norm = max_norm
         self.done = torch.zeros(n, dtype=torch.bool)
 
@@ -374,12 +407,13 @@ def _run(loss_fn: LossFn, n: int, d: int, init_norm: torch.Tensor,
     adam = _Adam(n, d, cfg, cfg.clamp_norm_factor * init_norm)
     steps = torch.zeros(n, dtype=torch.long)
     final_loss, final_nll = torch.zeros(n), torch.zeros(n)
+    on_nll = SOLVERS[cfg.solver].stop_on == "nll"
     for it in range(cfg.steps):
         live = ~adam.done
         loss, nll = loss_fn(adam.delta, live)
         final_loss[live], final_nll[live] = loss.detach()[live], nll.detach()[live]
         steps[live] = it + 1
-        adam.done |= live & (loss.detach() < cfg.early_stop_loss)
+        adam.done |= live & ((nll if on_nll else loss).detach() < cfg.early_stop_loss)
         if bool(adam.done.all()) or it == cfg.steps - 1:
             break
         adam.step(loss)
@@ -393,6 +427,7 @@ def _run(loss_fn: LossFn, n: int, d: int, init_norm: torch.Tensor,
 def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: list[str], cfg: TargetConfig) -> Targets:
     model, arch, dev = lm.model, lm.arch, lm.device
     rows = build_rows(lm, requests, templates, keep=cfg.keep, position=cfg.position)
+    fit = _fit_rows(rows, SOLVERS[cfg.solver].fit_templates)
     batch = aligned_batch(rows.encoded, lm.tokenizer.pad_token_id)
     ids, mask, pos, s = (batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.position_ids.to(dev),
                          batch.anchor)
@@ -412,7 +447,7 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
     suffix = _Suffix(
         ids=ids[:, cut:], mask=mask, pos=pos[:, cut:], block=got["block"][:, cut:], site=got["site"][:, s].float(),
         prefix=prefix_cache(cache, cut), row_fact=torch.tensor(rows.fact),
-        loss=loss_index(rows, batch.offset, cut),
+        loss=loss_index(rows, batch.offset, cut, None if fit is None else set(fit)),
         kl=KLIndex(kl_rows, torch.full((len(requests),), s - cut, dtype=torch.long), torch.arange(len(requests)),
                    torch.log_softmax(lm.logits(final[kl_rows.to(dev), s]), -1)),
         keep=keep_index(lm, rows, batch.offset, cut, lambda r, c, h=final: lm.logits(h[r.to(dev), (c + cut).to(dev)]),
@@ -420,6 +455,8 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
     keys = average_keys(got["key"][:, s].float().cpu(), rows, cfg.skip_first_token_keys)
     init = suffix.site[torch.tensor(rows.bare)].cpu()
     del cache, final, got
+    if fit is not None:  # the rows the loss does not read leave every per-step pass
+        suffix = suffix.take(torch.tensor(fit))
     init_norm = init.norm(dim=1)
     selected: dict[tuple[bool, ...], tuple[_Suffix, _Suffix, _Suffix | None]] = {}
 
@@ -454,6 +491,15 @@ def _optimize_batch(lm: LoadedModel, requests: list[EditRequest], templates: lis
 
     delta, loss, nll, steps = _run(loss_fn, len(requests), arch.d_model, init_norm, cfg)
     return Targets(delta, keys, init, loss, nll, steps)
+
+
+def _fit_rows(rows: Rows, n_templates: int | None) -> list[int] | None:
+    """The rows the loss reads when it uses only the first ``n_templates`` context templates:
+    every row but the later templated ones, in order (None: every row)."""
+    if n_templates is None:
+        return None
+    dropped = {r for templated in rows.templated for r in templated[n_templates:]}
+    return [r for r in range(len(rows.encoded)) if r not in dropped]
 
 
 def _answer_cols(rows: Rows, offsets: torch.Tensor, first_col: int) -> torch.Tensor:
@@ -524,17 +570,17 @@ def optimize(
 
     Facts are independent, so they are grouped by the shape their rows pad to (longest prefix
     before and suffix after the subject) to waste little compute on padding; results come back
-    in the order of ``requests``.
+    in the order of ``requests``. Under ``torchrun`` the batches are dealt out to the processes
+    and gathered on every one (:mod:`neuraldb.distributed`).
     """
     cfg.validate()
     lm.arch.check_layer(cfg.layer)
+    if not SOLVERS[cfg.solver].batched:
+        return optimize_full_forward(lm, requests, templates, cfg, progress)
     order = sorted(range(len(requests)), key=lambda i: _padded_shape(lm, requests[i], templates, cfg.position))
-    parts = []
-    for start in range(0, len(order), batch_size):
-        chunk = [requests[i] for i in order[start : start + batch_size]]
-        parts.append(_optimize_batch(lm, chunk, templates, cfg))
-        if progress:
-            progress(len(chunk))
+    chunks = [[requests[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+    parts = distributed.gather(len(chunks), lambda c: _optimize_batch(lm, chunks[c], templates, cfg),
+                               (lambda c: progress(len(chunks[c]))) if progress else None)
     merged = Targets.cat(parts)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
@@ -557,13 +603,11 @@ def optimize_full_forward(
     progress: Progress | None = None,
 ) -> Targets:
     """The reference protocol: one fact at a time, a full forward (all layers, all logits) per step,
-    δ added by a hook at the site. Same loss and stopping rule as :func:`optimize`."""
+    δ added by a hook at the site. Same loss and stopping rule as :func:`optimize` (the solver's
+    ``stop_on`` and ``lr_scale`` apply; ``batched`` is what this function is not)."""
     cfg.validate()
-    parts = []
-    for req in requests:
-        parts.append(_full_forward_one(lm, req, templates, cfg))
-        if progress:
-            progress(1)
+    parts = distributed.gather(len(requests), lambda i: _full_forward_one(lm, requests[i], templates, cfg),
+                               (lambda _i: progress(1)) if progress else None)
     return Targets.cat(parts)
 
 

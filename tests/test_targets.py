@@ -10,7 +10,7 @@ import torch
 from neuraldb.facts import EditRequest
 from neuraldb.hooks import get_module
 from neuraldb.prompts import encode_with_subject
-from neuraldb.targets import TargetConfig, _site_modules, optimize, optimize_full_forward
+from neuraldb.targets import SOLVERS, Solver, TargetConfig, _site_modules, optimize, optimize_full_forward
 
 from .conftest import tiny_model
 
@@ -54,6 +54,41 @@ def test_batched_equals_one_by_one_with_early_stopping(keep):
     assert batched.steps.tolist() == single.steps.tolist()
     assert len(set(batched.steps.tolist())) > 1, "the test needs facts that stop at different steps"
     torch.testing.assert_close(batched.delta, single.delta, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_each_solver_reaches_its_stopping_loss(solver):
+    """Every solver stops each fact below ``early_stop_loss`` (its total loss, or with ``fast`` its
+    NLL; here the same: no KL, no weight decay) before the step limit. The tiny random model's
+    NLL barely moves, so the threshold is halfway down what 20 batched steps reach."""
+    lm = tiny_model("llama")
+    cfg = TargetConfig(layer=1, steps=20, lr=0.5, weight_decay=0.0, kl_factor=0.0, early_stop_loss=-1.0)
+    start = optimize(lm, FACTS, TEMPLATES, replace(cfg, steps=1)).nll
+    end = optimize(lm, FACTS, TEMPLATES, cfg).nll
+    assert (end < start).all()
+    threshold = float((start - 0.5 * (start - end)).max())
+    out = optimize(lm, FACTS, TEMPLATES, replace(cfg, steps=60, early_stop_loss=threshold, solver=solver))
+    reached = out.nll if SOLVERS[solver].stop_on == "nll" else out.loss
+    assert (reached < threshold).all(), (reached, threshold)
+    assert (out.steps < 60).all() and (out.steps > 1).any(), out.steps
+
+
+def test_fitting_fewer_templates_equals_fitting_on_those_templates_with_the_keys_of_all(monkeypatch):
+    """A solver whose loss reads only the first context template gives the residuals of the same
+    rule run on that template alone, and the keys (and v₀) of every template."""
+    monkeypatch.setitem(SOLVERS, "one", Solver(batched=True, stop_on="loss", fit_templates=1))
+    lm = tiny_model("llama")
+    one = optimize(lm, FACTS, TEMPLATES, replace(CFG, solver="one"))
+    alone = optimize(lm, FACTS, TEMPLATES[:2], CFG)
+    every = optimize(lm, FACTS, TEMPLATES, CFG)
+    torch.testing.assert_close(one.delta, alone.delta, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(one.delta, every.delta, rtol=1e-3, atol=1e-4)
+    assert torch.equal(one.keys, every.keys) and torch.equal(one.init, every.init)
+
+
+def test_unknown_solver_is_refused():
+    with pytest.raises(ValueError, match="solver must be one of reference, batched, fast"):
+        optimize(tiny_model("llama"), FACTS, TEMPLATES, replace(CFG, solver="newton"))
 
 
 def test_optimisation_lowers_the_target_loss_and_respects_the_clamp():
