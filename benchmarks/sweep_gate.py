@@ -52,6 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evals import datasets, knowedit
+from evals.evaluate import Dropped, edited_probes, without_dropped
 from evals.explain import ORDER, cause_of, why_fired, worse
 from evals.firing import Group, fired, rates, scored_rows, trace_groups
 from evals.metrics import CaseScores, ZsreCase, counterfact_metrics, zsre_metrics
@@ -79,12 +80,16 @@ def simulate(mine: list[Group], run: list[Group], theta: torch.Tensor, run_theta
     return out
 
 
-def scores_under(rule: Rule, run: Rule, cases: dict, requests: list[EditRequest], kind: str, tok: object) -> dict:
+def scores_under(rule: Rule, run: Rule, cases: dict, requests: list[EditRequest], kind: str, tok: object,
+                 dropped: Dropped | None = None) -> dict:
     """Efficacy, generalisation, specificity (and KnowEdit's locality) of ``rule`` replayed on the
     run's ``cases`` (:func:`simulate`), and its worse neighbourhood prompts by the cause of the
-    firing behind them (:mod:`evals.explain`'s classes)."""
+    firing behind them (:mod:`evals.explain`'s classes). ``dropped``: the prompts left out of
+    specificity and locality (edited probes, :func:`evals.evaluate.edited_probes`), as ``eval`` does."""
+    dropped = dropped or {}
     (traced, theta), (run_traced, run_theta) = rule, run
     pre = {c["id"]: c for c in cases["pre"]}
+    kept_pre = [without_dropped(c, dropped) for c in cases["pre"]]
     post = {c["id"]: c for c in cases["neuraldb"]}
     counts = {"unchanged": 0, "as_run": 0, "partial": 0}
     out, simulated = [], []
@@ -98,21 +103,23 @@ def scores_under(rule: Rule, run: Rule, cases: dict, requests: list[EditRequest]
         rw = sim("rewrite", i, [c0["rewrite"]], [c1["rewrite"]])[0]
         para = sim("paraphrase", i, c0["paraphrase"], c1["paraphrase"])
         neigh = sim("neighborhood", i, c0["neighborhood"], c1["neighborhood"])
+        nb = dropped.get(r.id, (frozenset(), frozenset()))[0]
         for j, (before, after) in enumerate(zip(c0["neighborhood"], neigh)):  # worse neighbours, by cause
-            if worse(kind, before, after):
+            if j not in nb and worse(kind, before, after):
                 flipped[cause_of(why_fired(traced["neighborhood"][i][j], -1, theta, r.locality[j][0], subjects,
                                            tok, False))] += 1
+        neigh = [x for j, x in enumerate(neigh) if j not in nb]
         if isinstance(rw, (int, float)):  # ZsRE: token accuracies
             out.append(ZsreCase(float(rw), tuple(para), tuple(neigh)))
         else:
             out.append(CaseScores(tuple(rw), tuple(map(tuple, para)), tuple(map(tuple, neigh))))
         if "locality_tokens" in c1:  # KnowEdit: the locality answers' tokens follow the same firing
             loc = sim("neighborhood", i, c0["locality_tokens"], c1["locality_tokens"])
-            simulated.append(c1 | {"locality_tokens": loc})
+            simulated.append(without_dropped(c1 | {"locality_tokens": loc}, dropped))
     m = zsre_metrics(out) if out and isinstance(out[0], ZsreCase) else counterfact_metrics(out)  # type: ignore[arg-type]
     got = {k: m[k] for k in ("efficacy", "generalization", "specificity")}
     if simulated:
-        ke = knowedit.metrics(simulated, cases["pre"])
+        ke = knowedit.metrics(simulated, kept_pre)
         got |= {k: v for k, v in ke.items() if k.startswith("locality_")}
     return got | {"cases": counts, "neighborhood_worse": {"total": sum(flipped.values())} | {
         k: flipped[k] for k in (*ORDER, "none")}}
@@ -190,11 +197,15 @@ def main() -> None:
     ap.add_argument("--cases", help="per-case file with 'pre' and 'neuraldb' rows on the same records")
     ap.add_argument("--run-hparam", action="append", help="KEY=VALUE the --cases run was made with, when not "
                     "the --hparam ones (give gate=cosine for a run with every default)")
+    ap.add_argument("--keep-edited-probes", action="store_true",
+                    help="count neighbourhood / locality prompts that are another edit's prompt (eval's flag)")
     ap.add_argument("--out", default="benchmarks/results/sweep-gate-train.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     spec = datasets.load(args.dataset)
-    requests = [r.request for r in datasets.select(spec.records, args.n)]
+    records = datasets.select(spec.records, args.n)
+    requests = [r.request for r in records]
+    dropped = {} if args.keep_edited_probes else edited_probes([records])  # a sequential run: all N at once
     lm = models.load(args.model)
     hp = NeuralDBEditor.default_hparams(lm).parse([f"gate={args.gate}", *args.hparam])
     hp.validate(lm)
@@ -226,8 +237,9 @@ def main() -> None:
     if args.cases:
         with open(args.cases) as f:
             cases = json.load(f)
-        result["simulated"] = {name: scores_under(rule, run, cases, requests, spec.kind, lm.tokenizer)
+        result["simulated"] = {name: scores_under(rule, run, cases, requests, spec.kind, lm.tokenizer, dropped)
                                for name, rule in rules.items()}
+        result["edited_probes_left_out"] = sum(len(nb) + len(loc) for nb, loc in dropped.values())
     write_json(args.out, result)
     show(result)
 

@@ -153,7 +153,7 @@ def edited_probes(groups: Sequence[Sequence[EvalRecord]]) -> Dropped:
     return out
 
 
-def _without(case: dict[str, Any], dropped: Dropped) -> dict[str, Any]:
+def without_dropped(case: dict[str, Any], dropped: Dropped) -> dict[str, Any]:
     """``case`` without the neighbourhood prompts and locality probes ``dropped`` lists for it."""
     if case["id"] not in dropped:
         return case
@@ -172,8 +172,8 @@ def metrics(kind: Kind, cases: Sequence[dict[str, Any]],
     cases; None: ``cases`` are the unedited model's). ``dropped``: prompts left out of
     specificity and locality, in ``cases`` and ``reference`` alike (:func:`edited_probes`)."""
     if dropped:
-        cases = [_without(c, dropped) for c in cases]
-        reference = None if reference is None else [_without(c, dropped) for c in reference]
+        cases = [without_dropped(c, dropped) for c in cases]
+        reference = None if reference is None else [without_dropped(c, dropped) for c in reference]
     if kind == "zsre":
         out = zsre_metrics([ZsreCase(c["rewrite"], tuple(c["paraphrase"]), tuple(c["neighborhood"])) for c in cases])
         if any(c.get("texts") for c in cases):
