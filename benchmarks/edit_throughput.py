@@ -55,6 +55,16 @@ def commit() -> str:
     return sha + ("+uncommitted changes" if dirty else "")
 
 
+def _number(raw: str) -> int | float | str:
+    """``raw`` as an int, else a float, else as given (for a field whose default is None)."""
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 def define(spec: str) -> None:
     """Register a solver variant ``NAME=BASE:FIELD=VALUE;…`` (fields of :class:`Solver`) for this run."""
     name, _, rest = spec.partition("=")
@@ -64,7 +74,7 @@ def define(spec: str) -> None:
         key, _, raw = item.partition("=")
         current = getattr(SOLVERS[base], key)
         values[key] = (None if raw.lower() == "none" else raw if isinstance(current, str)
-                       else type(current)(raw) if current is not None else int(raw))
+                       else type(current)(raw) if current is not None else _number(raw))
     SOLVERS[name] = replace(SOLVERS[base], **values)
 
 

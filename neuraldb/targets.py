@@ -65,13 +65,16 @@ class Solver:
     protocol (:func:`optimize_full_forward`); ``stop_on``: what ``early_stop_loss`` is compared
     with, the total loss (MEMIT's rule) or the target's NLL alone; ``lr_scale``: Adam's learning
     rate is ``lr_scale`` times ``lr``; ``fit_templates``: the loss reads the bare prompt and only the
-    first this many context templates (the keys still average every template: the gate is the same).
+    first this many context templates (the keys still average every template: the gate is the same);
+    ``first_step``: the first step is not Adam's but a step of this fraction of the norm clamp along
+    each fact's negative gradient (None: Adam's from the start).
     """
 
     batched: bool
     stop_on: Literal["loss", "nll"]
     lr_scale: float = 1.0
     fit_templates: int | None = None  # context templates the loss reads (None: all; keys always use all)
+    first_step: float | None = None  # first step: this fraction of the clamp along −gradient (None: Adam's)
 
 
 SOLVERS: dict[str, Solver] = {
@@ -383,11 +386,17 @@ class _Adam:
         self.max_norm = max_norm
         self.done = torch.zeros(n, dtype=torch.bool)
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, along_gradient: float | None = None) -> None:
+        """One Adam step, or with ``along_gradient`` = f a step to f · the clamp along −∇ (per fact)."""
         self.opt.zero_grad()
         loss[~self.done].sum().backward()
         frozen = self.delta.detach()[self.done].clone()
-        self.opt.step()
+        if along_gradient is None:
+            self.opt.step()
+        else:
+            with torch.no_grad():
+                unit = self.delta.grad / self.delta.grad.norm(dim=1, keepdim=True).clamp(min=1e-12)
+                self.delta -= along_gradient * self.max_norm.unsqueeze(1) * unit
         with torch.no_grad():
             self.delta[self.done] = frozen
             norm = self.delta.norm(dim=1).clamp(min=1e-12)
@@ -416,7 +425,7 @@ def _run(loss_fn: LossFn, n: int, d: int, init_norm: torch.Tensor,
         adam.done |= live & ((nll if on_nll else loss).detach() < cfg.early_stop_loss)
         if bool(adam.done.all()) or it == cfg.steps - 1:
             break
-        adam.step(loss)
+        adam.step(loss, SOLVERS[cfg.solver].first_step if it == 0 else None)
     return adam.delta.detach(), final_loss, final_nll, steps
 
 

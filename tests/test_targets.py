@@ -86,6 +86,18 @@ def test_fitting_fewer_templates_equals_fitting_on_those_templates_with_the_keys
     assert torch.equal(one.keys, every.keys) and torch.equal(one.init, every.init)
 
 
+def test_first_step_along_the_gradient_lands_on_that_fraction_of_the_clamp(monkeypatch):
+    """``first_step`` f: after one step every δ has norm f · clamp · ‖v₀‖ and points down the
+    gradient of the loss at δ = 0 (its cosine with Adam's first step, a sign step, is positive)."""
+    monkeypatch.setitem(SOLVERS, "half", Solver(batched=True, stop_on="loss", first_step=0.5))
+    lm = tiny_model("llama")
+    cfg = replace(CFG, steps=2, early_stop_loss=-1.0)
+    half = optimize(lm, FACTS, TEMPLATES, replace(cfg, solver="half"))
+    adam = optimize(lm, FACTS, TEMPLATES, cfg)
+    torch.testing.assert_close(half.delta.norm(dim=1), 0.5 * cfg.clamp_norm_factor * half.init.norm(dim=1))
+    assert (torch.cosine_similarity(half.delta, adam.delta, dim=1) > 0.5).all()
+
+
 def test_unknown_solver_is_refused():
     with pytest.raises(ValueError, match="solver must be one of reference, batched, fast"):
         optimize(tiny_model("llama"), FACTS, TEMPLATES, replace(CFG, solver="newton"))
