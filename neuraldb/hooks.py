@@ -128,9 +128,19 @@ def start_at_layer(
             blocks[i] = block
 
 
-def prefix_cache(cache: DynamicCache, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``length`` positions of every layer's keys and values, detached."""
-    return [(k[..., :length, :].detach(), v[..., :length, :].detach()) for k, v, *_ in cache]
+def prefix_cache(cache: DynamicCache, length: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``length`` positions of every layer's keys and values, detached.
+
+    ``start``: the pass ran only blocks ``start ..`` (:func:`start_at_layer`), so the layers below
+    hold nothing; they get zeros shaped like block ``start``'s, which a later pass under the same
+    stand-ins never attends to (the mask reads only their length)."""
+    if start == 0:
+        return [(k[..., :length, :].detach(), v[..., :length, :].detach()) for k, v, *_ in cache]
+    first = cache.layers[start]
+    kv = [(layer.keys[..., :length, :].detach(), layer.values[..., :length, :].detach())
+          for layer in cache.layers[start:]]
+    zeros = (first.keys.new_zeros(kv[0][0].shape), first.values.new_zeros(kv[0][1].shape))
+    return [zeros] * start + kv
 
 
 def cache_from(prefix: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> DynamicCache:

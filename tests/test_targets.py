@@ -20,10 +20,11 @@ FACTS = [
     EditRequest("b", "{} plays the sport of", "Michael Jordan", " guitar", " basketball"),
     EditRequest("c", "{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),
 ]
-CFG = TargetConfig(layer=1, steps=6, lr=0.5, early_stop_loss=-1.0)
+# the batched solver: the reference protocol's rule, so the two paths must agree
+CFG = TargetConfig(layer=1, steps=6, lr=0.5, early_stop_loss=-1.0, solver="batched")
 
 
-KEEP = TargetConfig(layer=1, steps=6, lr=0.5, early_stop_loss=-1.0, keep_factor=1.0,
+KEEP = TargetConfig(layer=1, steps=6, lr=0.5, early_stop_loss=-1.0, keep_factor=1.0, solver="batched",
                     keep_templates=("The capital of {} is", "{} performs on the"))
 
 
@@ -140,8 +141,7 @@ def test_keep_rows_hold_other_relations_of_the_subject():
     residual applied at the subject as the gate applies it), the edit itself still lands, and
     keep_factor 0 is the plain loss exactly."""
     lm = tiny_model("llama")
-    off = TargetConfig(layer=1, steps=6, lr=0.5, early_stop_loss=-1.0, keep_factor=0.0,
-                       keep_templates=KEEP.keep_templates)
+    off = replace(CFG, keep_factor=0.0, keep_templates=KEEP.keep_templates)
     plain = optimize(lm, FACTS, TEMPLATES, CFG)
     assert torch.equal(plain.delta, optimize(lm, FACTS, TEMPLATES, off).delta)
     # a random tiny model barely responds to δ, so the test asks for the direction, per fact
