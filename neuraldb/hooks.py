@@ -136,11 +136,10 @@ def prefix_cache(cache: DynamicCache, length: int, start: int = 0) -> list[tuple
     stand-ins never attends to (the mask reads only their length)."""
     if start == 0:
         return [(k[..., :length, :].detach(), v[..., :length, :].detach()) for k, v, *_ in cache]
-    first = cache.layers[start]
     kv = [(layer.keys[..., :length, :].detach(), layer.values[..., :length, :].detach())
           for layer in cache.layers[start:]]
-    zeros = (first.keys.new_zeros(kv[0][0].shape), first.values.new_zeros(kv[0][1].shape))
-    return [zeros] * start + kv
+    k, v = kv[0]
+    return [(k.new_zeros(k.shape), v.new_zeros(v.shape))] * start + kv
 
 
 def cache_from(prefix: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> DynamicCache:
