@@ -150,3 +150,17 @@ def test_keep_rows_hold_other_relations_of_the_subject():
     kept, free = optimize(lm, FACTS, TEMPLATES, strong), optimize(lm, FACTS, TEMPLATES, loose)
     assert (_keep_kl(lm, kept.delta, strong).sum(1) < _keep_kl(lm, free.delta, strong).sum(1)).all()
     assert (kept.nll < optimize(lm, FACTS, TEMPLATES, replace(strong, steps=1)).nll).all(), "the edit still lands"
+
+
+def test_autocast_solver_runs_the_per_step_passes_in_bfloat16_and_still_lowers_the_loss(monkeypatch):
+    """A solver with ``autocast="bfloat16"`` runs (the cached prefix stays float32), lowers every
+    fact's NLL, and lands near the float32 solver's residuals."""
+    monkeypatch.setitem(SOLVERS, "bf16", replace(SOLVERS["batched"], autocast="bfloat16"))
+    lm = tiny_model("llama")
+    cfg = TargetConfig(layer=1, steps=8, lr=0.5, weight_decay=0.0, kl_factor=0.0, early_stop_loss=-1.0,
+                       solver="batched")
+    start = optimize(lm, FACTS, TEMPLATES, replace(cfg, steps=1)).nll
+    full = optimize(lm, FACTS, TEMPLATES, cfg)
+    half = optimize(lm, FACTS, TEMPLATES, replace(cfg, solver="bf16"))
+    assert (half.nll < start).all()
+    assert ((half.delta - full.delta).norm(dim=1) / full.delta.norm(dim=1)).max() < 0.1
