@@ -9,9 +9,8 @@ edits the first N records of a benchmark into SmolLM2 with NeuralDB's defaults o
 * ``batched``: the same rule, facts batched, layers below the edit layer and the prefix before the
   subject computed once, logits only where the loss reads them (the first fast path);
 * ``fast``: batched, 4× Adam's step, each fact stopping once its target NLL is below
-  ``early_stop_loss``, the loss on the bare prompt and two context templates (the previous default,
-  32 facts a batch);
-* ``fast8``: ``fast`` with 8× Adam's step, 64 facts a batch (the default).
+  ``early_stop_loss``, the loss on the bare prompt and two context templates (the previous default);
+* ``fast8``: ``fast`` with 8× Adam's step (the default).
 
 Each edits through :meth:`NeuralDBEditor.edit` (timed: residuals, keys, store), then the edited
 model is scored the way ``neuraldb eval`` scores it (efficacy, generalization = paraphrases,
@@ -43,8 +42,8 @@ from neuraldb.neuraldb_editor import NeuralDBEditor
 from neuraldb.targets import SOLVERS
 
 KEEP = ("efficacy", "generalization", "specificity")
-# the reference protocol, the earlier fast paths as they were the default (32 facts a batch), the default
-DEFAULT_SOLVERS = ("reference", "batched+batch_size=32", "fast+batch_size=32", "fast8")
+# the reference protocol, the earlier defaults, the default
+DEFAULT_SOLVERS = ("reference", "batched", "fast", "fast8")
 
 
 def commit() -> str:

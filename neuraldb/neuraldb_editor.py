@@ -163,7 +163,7 @@ class NeuralDBHparams(TargetHparams):
 # `python benchmarks/sweep_relation_targets.py` on KnowEdit-cf training records (README). Batches of
 # 8 facts: 145 s instead of 228 s for 16 facts with the same mean NLL in a one-off run (long KnowEdit
 # rows pad a batch to its longest); the benchmark's batch_size=8 config repeats it.
-# It keeps the batched solver those settings were swept with (the fast default was chosen for the key gate).
+# It keeps the batched solver those settings were swept with (the fast solvers were chosen for the key gate).
 GATE_DEFAULTS: dict[str, dict[str, float | int | str]] = {
     "radius": {"key": "last"},  # look-alike radii are of last-token keys
     "relation": {"steps": 50, "lr": 1.0, "clamp_norm_factor": 10.0, "batch_size": 8, "key": "last",

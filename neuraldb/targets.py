@@ -15,7 +15,7 @@ asks the residual to leave the answers to other relations of the same subject al
 prompts are :data:`KEEP_TEMPLATES` (generic relations, "{}'s mother is", …) filled with the
 subject; one whose unedited answer (top-1 token) equals the edit prompt's unedited answer probably
 asks the edited relation itself and is left out. Adam on δ only; a fact stops once its loss
-(with the ``fast`` solver: its NLL) is below ``early_stop_loss``; the last iteration does not step.
+(with the ``fast`` solvers: its NLL) is below ``early_stop_loss``; the last iteration does not step.
 
 :func:`optimize` runs the solver ``cfg.solver`` names (:data:`SOLVERS`). The batched solvers put
 many facts in one forward/backward: the layers up to the edit layer run once (their outputs and
