@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/neuraldb edit neuraldb/data/demo_facts.jsonl --out stores/demo
+	$(BIN)/neuraldb edit neuraldb/data/demo_facts.jsonl --out stores/demo --overwrite
 	$(BIN)/neuraldb ask "The Eiffel Tower is located in the city of" --store stores/demo
 	$(BIN)/neuraldb ask "Danielle Darrieux's mother tongue is" --store stores/demo
 	$(BIN)/neuraldb facts list stores/demo

@@ -184,6 +184,7 @@ def edit(
     report: Path | None = typer.Option(None, help="Where to save the JSON report (default: OUT.report.json)."),
     hparam: list[str] = typer.Option([], "--hparam", "-H", metavar="KEY=VALUE",
                                       help="Any hyperparameter as KEY=VALUE (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the store or edit artifact already at OUT."),
 ) -> None:
     """Write facts into a model and report how many were rewritten and what stayed unchanged.
 
@@ -191,11 +192,12 @@ def edit(
     `neuraldb ask --edits OUT` uses either."""
     from neuraldb.editor import get_editor
     from neuraldb.facts import load_facts
-    from neuraldb.files import write_json
+    from neuraldb.files import check_out, write_json
     from neuraldb.scoring import edit_report, preferences
 
     cls = get_editor(editor)
     requests = load_facts(facts, limit=limit)
+    check_out(out, overwrite)
     lm = _load_model(model, device, dtype)
     hp = _hparams(cls, lm, hparam, layer=layer, layers=_layers(layers), gamma=gamma, batch_size=batch_size,
                   steps=steps, lr=lr, seed=seed)
@@ -262,6 +264,8 @@ def ask(
     which facts fired)."""
     from neuraldb.editor import identify
 
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: give the text to complete")
     cls, model_name = identify(edits)
     lm = _load_model(model_name, device, dtype)
     _, base = _generate(lm, prompt, max_new_tokens)  # before the edits are loaded: the base model
@@ -363,9 +367,10 @@ def facts_remove(
 
     _neuraldb_store(store)
     s = FactStore.load(store)
-    s.remove(ids)
+    before = len(s)
+    s.remove(list(dict.fromkeys(ids)))  # an id named twice is removed once
     s.save(store)
-    console.print(f"removed {len(ids)} fact(s); {len(s)} left in {store}")
+    console.print(f"removed {before - len(s)} fact(s); {len(s)} left in {store}")
 
 
 @facts_app.command("add")

@@ -11,6 +11,7 @@ the model), writes facts with :meth:`Editor.edit`, gives the base model back wit
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,15 @@ class Hparams:
 
     def validate(self, lm: LoadedModel) -> None:
         """Raise ``ValueError`` when the values do not fit the loaded model."""
+
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` naming the first number field (or tuple entry) that is NaN or ±inf:
+        such a value makes every residual or weight update non-finite."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"hyperparameter {f.name} must be a finite number, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,6 +90,7 @@ class Editor(ABC):
     def __init__(self, lm: LoadedModel, hparams: Hparams | None = None):
         self.lm = lm
         self.hparams = hparams if hparams is not None else self.default_hparams(lm)
+        self.hparams.check_finite()
         self.hparams.validate(lm)
 
     @classmethod

@@ -214,6 +214,8 @@ def _raw_records(path: Path) -> Iterable[tuple[str, Any]]:
 def load_facts(path: str | Path, limit: int | None = None) -> list[EditRequest]:
     """Read and validate every fact in ``path`` (the first ``limit`` when given)."""
     path = Path(path)
+    if limit is not None and limit < 1:
+        raise FactFileError(f"limit must be at least 1 (the number of facts to read), got {limit}")
     if not path.is_file():
         raise FactFileError(f"{path}: no such file")
     out: list[EditRequest] = []

@@ -24,6 +24,7 @@ from neuraldb import distributed
 from neuraldb.models import dumps
 
 TENSORS = "tensors.safetensors"
+ARTIFACT_META = {"store.json", "edits.json"}  # the description files of what `neuraldb edit` writes
 
 
 class ArtifactError(ValueError):
@@ -40,8 +41,9 @@ def sha256_file(path: Path) -> str:
 
 def write_folder(path: str | Path, fill: Callable[[Path], None]) -> None:
     """Build folder ``path`` atomically: ``fill(tmp)`` writes its contents into a temporary folder
-    beside it, which is then swapped in (the previous folder is kept until then). Under
-    ``torchrun`` only rank 0 writes."""
+    beside it, which is then swapped in (the previous folder is kept until then; a folder holding
+    anything the new one would not is refused, :func:`_swap_in`). Under ``torchrun`` only rank 0
+    writes."""
     if not distributed.is_main():
         return
     path = Path(path)
@@ -52,6 +54,26 @@ def write_folder(path: str | Path, fill: Callable[[Path], None]) -> None:
         _swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_out(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output folder that cannot become an artifact: a file, a folder
+    holding anything but an artifact (a user's files), an artifact when ``overwrite`` is off, or a
+    place that cannot be written."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ArtifactError(f"{path} exists and is not a folder: choose another output")
+        names = {p.name for p in path.iterdir()}
+        if names and not (TENSORS in names and names - {TENSORS} <= ARTIFACT_META):
+            raise ArtifactError(f"{path} already holds other files: refusing to write there; choose a new or "
+                                "empty folder")
+        if names and not overwrite:
+            raise ArtifactError(f"{path} already holds an edit artifact: pass --overwrite to replace it "
+                                "(or `neuraldb facts add` to add facts to a store)")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not os.access(parent if parent.is_dir() else parent.parent, os.W_OK):
+        raise ArtifactError(f"{path}: {parent} is not writable")
 
 
 def write_artifact(path: str | Path, meta_name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -114,12 +136,20 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def _swap_in(new: Path, path: Path) -> None:
-    """Replace folder ``path`` by ``new``; the old folder is removed only after the new one is in place."""
+    """Replace folder ``path`` by ``new``; the old folder is removed only after the new one is in place.
+
+    Only an artifact is ever replaced: an existing folder must be empty or hold nothing but names the
+    new folder also has (the same kind of artifact), else ArtifactError names what it holds."""
     if not path.exists():
         os.replace(new, path)
         return
     if not path.is_dir():
         raise ArtifactError(f"{path} exists and is not an artifact folder")
+    foreign = sorted({p.name for p in path.iterdir()} - {p.name for p in new.iterdir()})
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ArtifactError(f"{path} already holds other files ({shown}): refusing to replace it; "
+                            "choose a new or empty folder")
     old = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".old-"))
     os.rmdir(old)
     os.replace(path, old)

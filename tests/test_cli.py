@@ -56,8 +56,8 @@ def test_facts_remove_restores_base_logits_bit_for_bit(demo_store, smollm2, tmp_
         ed = NeuralDBEditor.load(smollm2, store)
         edited = smollm2.model(ids).logits
         assert not torch.equal(edited, base)
-        r = run("facts", "remove", store, "eiffel")
-        assert r.exit_code == 0, r.output
+        r = run("facts", "remove", store, "eiffel", "eiffel")  # named twice, removed (and counted) once
+        assert r.exit_code == 0 and "removed 1 fact(s); 1 left" in r.output, r.output
         ed = NeuralDBEditor.load(smollm2, store)
         assert ed.store.ids == ["darrieux"]
         assert torch.equal(smollm2.model(ids).logits, base)
@@ -88,6 +88,9 @@ def test_facts_add_appends_with_the_store_settings(demo_store, tmp_path):
     (["eval", "--n", "x"], "--n must be comma-separated numbers of edits, got 'x'"),
     (["compare", "--editors", "memit,memit"], "--editors must name distinct editors"),
     (["compare", "--rows-from", "no-such.json"], "--rows-from no-such.json: no such file"),
+    (["ask", "  ", "--store", "no-store"], "the prompt is empty"),
+    (["edit", "nope.jsonl", "--out", "x", "--limit", "0"], "limit must be at least 1"),
+    (["edit", "nope.jsonl", "--out", "x", "--limit", "-1"], "limit must be at least 1"),
 ])
 def test_errors_are_one_line_and_exit_nonzero(args, message):
     r = run(*args)
@@ -105,6 +108,25 @@ def test_bad_fact_file_and_unknown_model(tmp_path):
     r = run("edit", good, "--out", tmp_path / "s", "--model", "no-such-model")
     assert r.exit_code == 1 and "unknown model 'no-such-model'" in r.output
     assert not (tmp_path / "s").exists()
+
+
+def test_edit_out_never_touches_a_users_folder_and_asks_before_replacing_a_store(tmp_path, demo_store):
+    """Refused before the model loads: a folder of the user's (its files stay as they were), and an
+    existing store without --overwrite."""
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "{} is", "subject": "Rome", "target_new": "x"}\n')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    r = run("edit", good, "--out", mine, "--overwrite")
+    assert r.exit_code == 1 and "mine already holds other files" in r.output, r.output
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    store = tmp_path / "store"
+    shutil.copytree(demo_store, store)
+    before = (store / "store.json").read_bytes()
+    r = run("edit", good, "--out", store)
+    assert r.exit_code == 1 and "pass --overwrite to replace it" in r.output, r.output
+    assert (store / "store.json").read_bytes() == before
 
 
 def test_models_lists_the_embedded_default():

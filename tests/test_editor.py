@@ -80,3 +80,15 @@ def test_hparams_parse_reads_each_field_as_its_type():
     from baselines.memit import MEMITHparams
 
     assert MEMITHparams(layers=(1, 2)).parse(["layers=3,4,5"]).layers == (3, 4, 5)
+
+
+@pytest.mark.parametrize("editor,assignment", [("neuraldb", "lr=inf"), ("neuraldb", "weight_decay=nan"),
+                                               ("memit", "mom2_update_weight=inf"), ("alphaedit", "lr=-inf")])
+def test_non_finite_hyperparameters_are_refused_by_every_editor(editor, assignment):
+    """NaN / ±inf would make every residual or weight update non-finite: refused when the editor
+    is built, naming the field (from the CLI's --hparam as from Python)."""
+    lm = tiny_model("llama")
+    cls = get_editor(editor)
+    hp = cls.default_hparams(lm).parse([assignment])
+    with pytest.raises(ValueError, match=f"hyperparameter {assignment.split('=')[0]} must be a finite number"):
+        cls(lm, hp)

@@ -107,3 +107,42 @@ def test_radii_round_trip_and_old_stores_load(tmp_path):
         (tmp_path / "old" / "store.json").write_text(json.dumps(meta))
         with pytest.raises(StoreError, match="corrupt"):
             FactStore.load(tmp_path / "old")
+
+
+def test_a_save_never_replaces_a_folder_holding_other_files(tmp_path):
+    """A user's folder (or a parent of several stores) given as a store path is refused whole: its
+    files stay, nothing is written beside them; a store is replaced by a store."""
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    (mine / "old-store").mkdir()
+    with pytest.raises(StoreError, match="notes already holds other files .*old-store, thesis.tex"):
+        make().save(mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["old-store", "thesis.tex"]
+    assert (mine / "thesis.tex").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no temporary folder left behind
+    make().save(tmp_path / "s")
+    make(5).save(tmp_path / "s")  # a store over a store: replaced
+    assert len(FactStore.load(tmp_path / "s")) == 5
+    (tmp_path / "empty").mkdir()
+    make().save(tmp_path / "empty")
+    assert len(FactStore.load(tmp_path / "empty")) == 3
+
+
+def test_an_output_folder_is_checked_before_any_work(tmp_path):
+    from neuraldb.files import ArtifactError, check_out
+
+    check_out(tmp_path / "new" / "store")  # does not exist yet: fine
+    (tmp_path / "empty").mkdir()
+    check_out(tmp_path / "empty")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ArtifactError, match="f.txt exists and is not a folder"):
+        check_out(tmp_path / "f.txt")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "data.csv").write_text("x")
+    with pytest.raises(ArtifactError, match="user already holds other files"):
+        check_out(tmp_path / "user", overwrite=True)
+    make().save(tmp_path / "s")
+    with pytest.raises(ArtifactError, match="pass --overwrite to replace it"):
+        check_out(tmp_path / "s")
+    check_out(tmp_path / "s", overwrite=True)
