@@ -71,9 +71,9 @@ def check_out(path: str | Path, overwrite: bool = False) -> None:
         if names and not overwrite:
             raise ArtifactError(f"{path} already holds an edit artifact: pass --overwrite to replace it "
                                 "(or `neuraldb facts add` to add facts to a store)")
-    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-    if not os.access(parent if parent.is_dir() else parent.parent, os.W_OK):
-        raise ArtifactError(f"{path}: {parent} is not writable")
+    base = next(p for p in [path.parent, *path.parent.parents] if p.exists())  # the folder written in
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ArtifactError(f"{path}: cannot write in {base}")
 
 
 def write_artifact(path: str | Path, meta_name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

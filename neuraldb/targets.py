@@ -113,6 +113,9 @@ class TargetConfig:
     def validate(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if SOLVERS[self.solver].autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"solver {self.solver}: autocast must be bfloat16, float16 or None, "
+                             f"got {SOLVERS[self.solver].autocast!r}")
         if self.position not in ("subject", "last"):
             raise ValueError(f"position must be 'subject' or 'last', got {self.position!r}")
         if self.steps < 1:

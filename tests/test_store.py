@@ -146,3 +146,5 @@ def test_an_output_folder_is_checked_before_any_work(tmp_path):
     with pytest.raises(ArtifactError, match="pass --overwrite to replace it"):
         check_out(tmp_path / "s")
     check_out(tmp_path / "s", overwrite=True)
+    with pytest.raises(ArtifactError, match="cannot write in"):
+        check_out(tmp_path / "f.txt" / "store")  # its parent is a file
