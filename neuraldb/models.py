@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -203,6 +204,20 @@ def resolve(name: str) -> tuple[Path | str, bool]:
     return name, False
 
 
+def check_device(device: str) -> None:
+    """Raise a one-line ``ValueError`` for a device name this machine cannot use ("cpu", "auto",
+    "cuda", "cuda:N" with that GPU present, "mps" where available), before anything loads."""
+    if device in ("cpu", "auto") or (device == "mps" and torch.backends.mps.is_available()):
+        return
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if cuda is None:
+        raise ValueError(f"unknown device {device!r}; choose cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available on this machine (use cpu)")
+    if cuda.group(1) is not None and int(cuda.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def load(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load ``name`` for editing.
 
@@ -213,6 +228,7 @@ def load(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32")
     Under ``torchrun`` this joins the job (:func:`neuraldb.distributed.init`) and ``"cuda"`` means
     the process's own GPU.
     """
+    check_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if dtype == "float16" and not device.startswith(("cuda", "auto")):

@@ -110,6 +110,19 @@ def test_bad_fact_file_and_unknown_model(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("device,message", [("foo", "unknown device 'foo'; choose cpu, cuda, cuda:N or auto"),
+                                            ("cuda:x", "unknown device 'cuda:x'"),
+                                            ("cuda", "CUDA is not available on this machine")])
+def test_an_unusable_device_is_one_line_before_the_model_loads(tmp_path, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "{} is", "subject": "Rome", "target_new": "x"}\n')
+    r = run("edit", good, "--out", tmp_path / "s", "--device", device)
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+    assert "loading" not in r.output
+
+
 def test_edit_out_never_touches_a_users_folder_and_asks_before_replacing_a_store(tmp_path, demo_store):
     """Refused before the model loads: a folder of the user's (its files stay as they were), and an
     existing store without --overwrite."""
