@@ -192,12 +192,16 @@ def edit(
     `neuraldb ask --edits OUT` uses either."""
     from neuraldb.editor import get_editor
     from neuraldb.facts import load_facts
-    from neuraldb.files import check_out, write_json
+    from neuraldb.files import check_out, check_writable, write_json
     from neuraldb.scoring import edit_report, preferences
 
     cls = get_editor(editor)
     requests = load_facts(facts, limit=limit)
     check_out(out, overwrite)
+    report_path = report or out.with_name(out.name + ".report.json")
+    if report_path.is_dir():
+        raise ValueError(f"--report {report_path} is a folder; give a file name")
+    check_writable(report_path)
     lm = _load_model(model, device, dtype)
     hp = _hparams(cls, lm, hparam, layer=layer, layers=_layers(layers), gamma=gamma, batch_size=batch_size,
                   steps=steps, lr=lr, seed=seed)
@@ -224,10 +228,9 @@ def edit(
                       f"{summary['locality_true_post']:.1f}%")
         table.add_row("locality: pre-edit preference kept", "", f"{summary['locality_kept']:.1f}%")
     console.print(table)
-    path = report or out.with_name(out.name + ".report.json")
-    write_json(path, {"editor": editor, "model": lm.name, "fingerprint": lm.fingerprint, "facts": str(facts),
-                       "n": len(requests), "hparams": ed.hparams.to_dict(), "summary": summary})
-    err.print(f"report saved to {path}")
+    write_json(report_path, {"editor": editor, "model": lm.name, "fingerprint": lm.fingerprint, "facts": str(facts),
+                              "n": len(requests), "hparams": ed.hparams.to_dict(), "summary": summary})
+    err.print(f"report saved to {report_path}")
 
 
 def _warn_first_token_subjects(lm: Any, requests: list) -> None:

@@ -71,6 +71,13 @@ def check_out(path: str | Path, overwrite: bool = False) -> None:
         if names and not overwrite:
             raise ArtifactError(f"{path} already holds an edit artifact: pass --overwrite to replace it "
                                 "(or `neuraldb facts add` to add facts to a store)")
+    check_writable(path)
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise ArtifactError unless ``path`` can be created or replaced: the nearest existing folder
+    above it must be a folder this process may write in (missing folders are made on writing)."""
+    path = Path(path)
     base = next(p for p in [path.parent, *path.parent.parents] if p.exists())  # the folder written in
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise ArtifactError(f"{path}: cannot write in {base}")

@@ -134,6 +134,10 @@ def test_edit_out_never_touches_a_users_folder_and_asks_before_replacing_a_store
     r = run("edit", good, "--out", mine, "--overwrite")
     assert r.exit_code == 1 and "mine already holds other files" in r.output, r.output
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    r = run("edit", good, "--out", tmp_path / "new", "--report", blocker / "report.json")
+    assert r.exit_code == 1 and "cannot write in" in r.output and not (tmp_path / "new").exists(), r.output
     store = tmp_path / "store"
     shutil.copytree(demo_store, store)
     before = (store / "store.json").read_bytes()
