@@ -173,7 +173,7 @@ def edit(
     limit: int | None = typer.Option(None, help="Use only the first N facts of the file."),
     layer: int | None = typer.Option(None, help="NeuralDB's edit layer (default: the model's preset)."),
     layers: str | None = typer.Option(None, help="MEMIT / AlphaEdit edit layers, e.g. 3,4,5,6,7."),
-    gamma: float | None = typer.Option(None, help="NeuralDB's gate threshold γ (cosine)."),
+    gamma: float | None = typer.Option(None, help="NeuralDB's gate threshold γ (a cosine, in (-1, 1))."),
     batch_size: int | None = typer.Option(None, help="NeuralDB: facts optimised together; MEMIT / AlphaEdit: "
                                                      "facts per sequential batch (default 100)."),
     steps: int | None = typer.Option(None, help="Optimisation steps per fact."),

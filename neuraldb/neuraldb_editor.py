@@ -85,8 +85,8 @@ class NeuralDBHparams(TargetHparams):
 
     def validate(self, lm: LoadedModel) -> None:
         lm.arch.check_layer(self.layer)
-        if not -1.0 <= self.gamma < 1.0:
-            raise ValueError(f"gamma must be in [-1, 1), got {self.gamma}")
+        if not -1.0 < self.gamma < 1.0:  # a cosine threshold: -1 would fire on every token, 1 on none
+            raise ValueError(f"gamma must be in (-1, 1), got {self.gamma}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if self.key not in KEYS:

@@ -92,3 +92,9 @@ def test_non_finite_hyperparameters_are_refused_by_every_editor(editor, assignme
     hp = cls.default_hparams(lm).parse([assignment])
     with pytest.raises(ValueError, match=f"hyperparameter {assignment.split('=')[0]} must be a finite number"):
         cls(lm, hp)
+
+
+@pytest.mark.parametrize("gamma", [-1.0, 1.0, 1.5])
+def test_a_gate_threshold_that_fires_everywhere_or_nowhere_is_refused(gamma):
+    with pytest.raises(ValueError, match=r"gamma must be in \(-1, 1\)"):
+        NeuralDBEditor(tiny_model("llama"), HP.replace(gamma=gamma))
