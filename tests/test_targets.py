@@ -153,8 +153,8 @@ def test_keep_rows_hold_other_relations_of_the_subject():
 
 
 def test_autocast_solver_runs_the_per_step_passes_in_bfloat16_and_still_lowers_the_loss(monkeypatch):
-    """A solver with ``autocast="bfloat16"`` runs (the cached prefix stays float32), lowers every
-    fact's NLL, and lands near the float32 solver's residuals."""
+    """A solver with ``autocast="bfloat16"`` runs, lowers every fact's NLL, and lands within 10 %
+    of the float32 solver's residuals."""
     monkeypatch.setitem(SOLVERS, "bf16", replace(SOLVERS["batched"], autocast="bfloat16"))
     lm = tiny_model("llama")
     cfg = TargetConfig(layer=1, steps=8, lr=0.5, weight_decay=0.0, kl_factor=0.0, early_stop_loss=-1.0,
