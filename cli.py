@@ -201,6 +201,8 @@ def edit(
     report_path = report or out.with_name(out.name + ".report.json")
     if report_path.is_dir():
         raise ValueError(f"--report {report_path} is a folder; give a file name")
+    if report_path.exists() and not overwrite:
+        raise ValueError(f"--report {report_path} already exists: pass --overwrite to replace it")
     check_writable(report_path)
     lm = _load_model(model, device, dtype)
     hp = _hparams(cls, lm, hparam, layer=layer, layers=_layers(layers), gamma=gamma, batch_size=batch_size,
@@ -325,7 +327,7 @@ def _fired(trace: list, ids: list[int], ed: Any, tok: Any) -> list[tuple[str, ..
 def facts_list(store: Path = typer.Argument(..., help="NeuralDB store or weight-edit artifact.")) -> None:
     """Show the facts of a store (or of MEMIT / AlphaEdit weight edits)."""
     from neuraldb.editor import identify
-    from neuraldb.files import read_meta
+    from neuraldb.files import read_artifact
     from neuraldb.store import FactStore
 
     cls, _ = identify(store)
@@ -335,10 +337,11 @@ def facts_list(store: Path = typer.Argument(..., help="NeuralDB store or weight-
         facts = s.facts
     else:
         from baselines.closed_form import FORMAT, META
-        from neuraldb.facts import EditRequest
+        from neuraldb import schema
 
-        meta = read_meta(store, META, FORMAT)
-        facts = [EditRequest.from_dict(f) for f in meta["facts"]]
+        meta, _ = read_artifact(store, META, FORMAT)  # the tensor file's sha256 is checked too
+        schema.edits(meta, str(store))
+        facts = schema.facts(meta, str(store))
         layers = ", ".join(str(x) for x in meta["hparams"]["layers"])
         title = f"{store}: {len(facts)} facts, {cls.name} on {meta['model']['name']}, layers {layers}"
     table = Table(title=title)
@@ -366,13 +369,15 @@ def facts_remove(
     ids: list[str] = typer.Argument(..., help="Fact ids to remove."),
 ) -> None:
     """Remove facts by id (the store is rewritten atomically)."""
+    from neuraldb.files import locked
     from neuraldb.store import FactStore
 
     _neuraldb_store(store)
-    s = FactStore.load(store)
-    before = len(s)
-    s.remove(list(dict.fromkeys(ids)))  # an id named twice is removed once
-    s.save(store)
+    with locked(store):  # read, change, write: another writer waits
+        s = FactStore.load(store)
+        before = len(s)
+        s.remove(list(dict.fromkeys(ids)))  # an id named twice is removed once
+        s.save(store)
     console.print(f"removed {before - len(s)} fact(s); {len(s)} left in {store}")
 
 
@@ -387,6 +392,7 @@ def facts_add(
 ) -> None:
     """Compute and add facts to an existing store, with the store's model and hyperparameters."""
     from neuraldb.facts import load_facts
+    from neuraldb.files import locked
     from neuraldb.neuraldb_editor import NeuralDBEditor
     from neuraldb.store import FactStore
 
@@ -394,9 +400,10 @@ def facts_add(
     requests = load_facts(facts)
     meta = FactStore.load(store)
     lm = _load_model(meta.model_name, device, dtype)
-    ed = NeuralDBEditor.load(lm, store)
-    _edit_with_progress(ed, requests, replace=replace)
-    ed.save(store)
+    with locked(store):  # read, change, write: a second `facts add` waits and adds on top
+        ed = NeuralDBEditor.load(lm, store)
+        _edit_with_progress(ed, requests, replace=replace)
+        ed.save(store)
     console.print(f"added {len(requests)} fact(s); {len(ed.store)} in {store}")
 
 
@@ -452,7 +459,7 @@ def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, bat
     from evals.evaluate import EvalOptions
     from evals.protocol import Protocol
     from neuraldb.editor import get_editor
-    from neuraldb.files import write_json, write_text
+    from neuraldb.files import check_writable, write_json, write_text
 
     for name in editors:
         get_editor(name)
@@ -494,6 +501,10 @@ def _run_comparison(editors: list[str], *, model: str, dataset: str, n: str, bat
             raise ValueError(f"unknown dataset {dataset!r}; available: {', '.join([*datasets.SPECS, *mquake.SOURCES])}")
         ds = datasets.load(dataset)
         datasets.select(ds.records, protocol.n[-1], sample_seed)  # fail early when too few records
+    if out is not None:  # checked before the model loads, not after the run
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder; give a file name")
+        check_writable(out)
     lm = _load_model(model, device, dtype)
     chosen = runner.editor_hparams(lm, editors, hparam, batch_size)
     out = out or Path("results") / f"{dataset}-{lm.name.replace('/', '_')}-{'-'.join(editors)}-n{protocol.n[-1]}.json"
@@ -673,7 +684,7 @@ def explain(
     neighbour worse (shared last word, same subject, own fact, other)."""
     from evals import explain as ex
     from evals.runner import cases_path
-    from neuraldb.files import write_json
+    from neuraldb.files import check_writable, write_json
 
     saved = _read_json(result, "result")
     cases_file = cases_path(result)
@@ -690,6 +701,7 @@ def explain(
         raise ValueError(f"--out {target} would overwrite an input of explain; choose another file")
     if target.is_dir():
         raise ValueError(f"--out {target} is a directory; give a file name")
+    check_writable(target)
     device = device or str(model.get("device") or "cpu")
     dtype = dtype or str(model.get("dtype") or "float32").removeprefix("torch.")
     lm = _load_model(model["name"], device, dtype)

@@ -27,6 +27,7 @@ import torch
 
 from baselines.covariance import StatsConfig, second_moments
 from baselines.weights import WeightEdits
+from neuraldb import schema
 from neuraldb.editor import Editor, Progress
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_artifact, read_meta, write_artifact
@@ -261,14 +262,18 @@ class ClosedFormEditor(Editor):
     @classmethod
     def load(cls, lm: LoadedModel, path: str | Path) -> ClosedFormEditor:
         meta, tensors = read_artifact(path, META, FORMAT)
+        schema.edits(meta, str(path))
         if meta.get("editor") != cls.name:
             raise ArtifactError(f"{path} holds {meta.get('editor')} edits, not {cls.name}")
         m = meta["model"]
         if m["fingerprint"] != lm.fingerprint or (m["d_ff"], m["d_model"]) != (lm.arch.d_ff, lm.arch.d_model):
             raise ArtifactError(f"{path} was made for model {m['name']!r} (fingerprint {m['fingerprint']}), "
                                 f"not for this model (fingerprint {lm.fingerprint})")
-        hparams = cls.hparams_cls.from_dict(meta["hparams"])  # type: ignore[attr-defined]
-        editor = cls(lm, hparams)
+        try:
+            hparams = cls.hparams_cls.from_dict(meta["hparams"])  # type: ignore[attr-defined]
+            editor = cls(lm, hparams)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{path} is corrupt: hparams: {e}") from None
         editor.templates = list(meta["templates"])
         editor.facts = [EditRequest.from_dict(f) for f in meta["facts"]]
         editor.weights.load(meta["layers"], tensors)

@@ -28,7 +28,7 @@ from evals.datasets import Dataset, EvalRecord, select
 from evals.evaluate import Dropped, EvalOptions, edited_probes, metrics, score_records
 from neuraldb.editor import Editor, Hparams
 from neuraldb.facts import EditRequest
-from neuraldb.files import write_folder, write_json
+from neuraldb.files import lock_file, write_folder, write_json
 from neuraldb.models import LoadedModel, fingerprint, model_summary
 
 FORMAT = "neuraldb-eval/1"
@@ -173,6 +173,7 @@ class Checkpoint:
         for p in [self.path, *self.path.parent.glob(f"{self.path.name}.tmp-*"),
                   *self.path.parent.glob(f"{self.path.name}.old-*")]:
             shutil.rmtree(p, ignore_errors=True)
+        lock_file(self.path).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # the run's folder, once no row has a partial state
             self.path.parent.rmdir()
 

@@ -30,6 +30,25 @@ class Hparams:
     def validate(self, lm: LoadedModel) -> None:
         """Raise ``ValueError`` when the values do not fit the loaded model."""
 
+    def check_types(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value is not of its declared type (a
+        value read from a file may be anything): int, float (an int is accepted), str, bool, a
+        tuple of ints, each optionally None."""
+        for f in dataclasses.fields(self):
+            declared = str(f.type).replace(" ", "")
+            optional = declared.endswith("|None")
+            declared = declared.removesuffix("|None")
+            value = getattr(self, f.name)
+            if value is None and optional:
+                continue
+            ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                  "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                  "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+                  "tuple[int,...]": lambda v: isinstance(v, tuple) and all(
+                      isinstance(x, int) and not isinstance(x, bool) for x in v)}.get(declared)
+            if ok is not None and not ok(value):
+                raise ValueError(f"hyperparameter {f.name} must be {declared}, got {value!r}")
+
     def check_finite(self) -> None:
         """Raise ``ValueError`` naming the first number field (or tuple entry) that is NaN or ±inf:
         such a value makes every residual or weight update non-finite."""
@@ -90,6 +109,7 @@ class Editor(ABC):
     def __init__(self, lm: LoadedModel, hparams: Hparams | None = None):
         self.lm = lm
         self.hparams = hparams if hparams is not None else self.default_hparams(lm)
+        self.hparams.check_types()
         self.hparams.check_finite()
         self.hparams.validate(lm)
 

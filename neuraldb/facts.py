@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,136 +75,266 @@ def fill(template: str, subject: str) -> str:
     return template.replace("{}", subject, 1)
 
 
-def _text(value: Any) -> str | None:
-    """A target given as a string, ``{"str": ...}`` or a list (its first element, recursively)."""
-    if isinstance(value, dict):
-        value = value.get("str")
-    while isinstance(value, list):  # KnowEdit nests aliases: [["USA", "U.S."], ...]
-        value = value[0] if value else None
+def _fail(name: str, message: str) -> FactFileError:
+    return FactFileError(f"{name}: {message}")
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind, for messages: 'a string', 'a number', 'a list', …"""
     if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError("must be a string")
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _string(rec: dict[str, Any], name: str) -> str | None:
+    """Field ``name`` of ``rec``: a string, or None when absent / null."""
+    value = rec.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise _fail(name, f"expected a string, got {_kind(value)}")
+
+
+def _strings(rec: dict[str, Any], name: str) -> list[str]:
+    """Field ``name``: a list of strings ([] when absent). A bare string is refused: it is not split
+    into characters."""
+    value = rec.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _fail(name, f"expected a list of strings, got {_kind(value)}")
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise _fail(name, f"expected a list of strings, holds {_kind(bad[0])}")
     return value
 
 
-def target_text(value: Any) -> str | None:
-    """A target as stored: its first string (see :func:`_text`), right-stripped, with one leading
-    space (BPE convention); ``""`` for a blank one, None for none."""
-    text = _text(value)
+def _target(value: Any, name: str) -> str | None:
+    """A target given as a string, ``{"str": ...}`` or a list of aliases (its first, recursively,
+    as KnowEdit nests them: ``[["USA", "U.S."], ...]``); None for none."""
+    if isinstance(value, dict):
+        value = value.get("str")
+    while isinstance(value, list):
+        value = value[0] if value else None
+    if value is None or isinstance(value, str):
+        return value
+    raise _fail(name, f"expected a string, got {_kind(value)}")
+
+
+def _visible(text: str) -> bool:
+    """True when ``text`` holds a character that is not whitespace, a control or a format
+    character (NUL, zero-width space, BOM, …)."""
+    return any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text)
+
+
+def target_text(value: Any, name: str = "target") -> str | None:
+    """A target as stored: its first string (see :func:`_target`), right-stripped, with one leading
+    space (BPE convention); ``""`` for a blank one (nothing visible), None for none."""
+    text = _target(value, name)
     if text is None:
         return None
     text = text.rstrip()
-    if not text.strip():
+    if not _visible(text):
         return ""
     return text if text.startswith(" ") else " " + text
 
 
-def _record_fields(rec: dict[str, Any]) -> dict[str, Any]:
-    """Normalise one record of any accepted shape to plain fields (still unvalidated)."""
-    if "requested_rewrite" in rec:  # CounterFact / ROME schema
-        rw = rec["requested_rewrite"]
-        if isinstance(rw, list):
-            rw = rw[0]
-        true = target_text(rw.get("target_true"))
-        return {
-            "id": rec.get("id", rec.get("case_id")), "prompt": rw.get("prompt"), "subject": rw.get("subject"),
-            "target_new": rw.get("target_new"), "target_true": rw.get("target_true"),
-            "paraphrases": rec.get("paraphrase_prompts", []),
-            "locality": [(p, true) for p in rec.get("neighborhood_prompts", [])] if true else [],
-        }
-    if "src" in rec and "alt" in rec:  # ZsRE, MEND format
-        loc = rec.get("loc")
-        return {
-            "id": rec.get("id", rec.get("case_id")), "prompt": rec.get("src"), "subject": rec.get("subject"),
-            "target_new": rec.get("alt"), "target_true": rec.get("answers"),
-            "paraphrases": [rec["rephrase"]] if rec.get("rephrase") else [],
-            "locality": [(loc + "?", rec.get("loc_ans"))] if loc and rec.get("loc_ans") else [],
-        }
-    out = {
-        "id": rec.get("id", rec.get("case_id")), "prompt": rec.get("prompt"), "subject": rec.get("subject"),
-        "target_new": rec.get("target_new"), "target_true": rec.get("target_true", rec.get("ground_truth")),
-        "paraphrases": rec.get("paraphrases", [p] if (p := rec.get("rephrase_prompt") or rec.get("rephrase")) else []),
-        "locality": rec.get("locality", []),
+def _id(rec: dict[str, Any]) -> str | None:
+    """``id`` (else ``case_id``): a string or an integer (not a boolean, a float or a list)."""
+    name = "id" if rec.get("id") is not None else "case_id"
+    value = rec.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _fail("id", f"expected a string or an integer, got {_kind(value)}")
+    return str(value)
+
+
+def _object(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(name, f"expected an object, got {_kind(value)}")
+    return value
+
+
+def _counterfact_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """CounterFact / ROME: ``requested_rewrite`` (an object, or a list whose first is used)."""
+    rw = rec["requested_rewrite"]
+    if isinstance(rw, list) and rw:
+        rw = rw[0]
+    rw = _object(rw, "requested_rewrite")
+    true = target_text(rw.get("target_true"), "requested_rewrite.target_true")
+    return {
+        "id": _id(rec), "prompt": _string(rw, "prompt"), "subject": _string(rw, "subject"),
+        "target_new": target_text(rw.get("target_new"), "requested_rewrite.target_new"), "target_true": true,
+        "paraphrases": _strings(rec, "paraphrase_prompts"),
+        "locality": [(p, true) for p in _strings(rec, "neighborhood_prompts")] if true else [],
     }
-    if isinstance(out["locality"], dict):  # KnowEdit
-        out["locality"] = [(item.get("prompt"), item.get("ground_truth")) for items in out["locality"].values()
-                           for item in (items if isinstance(items, list) else []) if isinstance(item, dict)]
-    if rec.get("locality_prompt") and rec.get("locality_ground_truth"):
-        out["locality"] = [(rec["locality_prompt"], rec["locality_ground_truth"])]
+
+
+def _zsre_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """MEND-format ZsRE: ``src``, ``subject``, ``alt``, ``answers``, ``rephrase``, ``loc``, ``loc_ans``."""
+    loc, loc_ans = _string(rec, "loc"), target_text(rec.get("loc_ans"), "loc_ans")
+    rephrase = _string(rec, "rephrase")
+    return {
+        "id": _id(rec), "prompt": _string(rec, "src"), "subject": _string(rec, "subject"),
+        "target_new": target_text(rec.get("alt"), "alt"), "target_true": target_text(rec.get("answers"), "answers"),
+        "paraphrases": [rephrase] if rephrase else [],
+        "locality": [(loc + "?", loc_ans)] if loc and loc_ans else [],
+    }
+
+
+def _locality(value: Any) -> list[tuple[str, str]]:
+    """``locality``: ``[prompt, answer]`` pairs, or KnowEdit's ``{kind: [{prompt, ground_truth}]}``;
+    pairs with a blank answer are left out."""
+    if value is None:
+        return []
+    if isinstance(value, dict):  # KnowEdit
+        pairs = []
+        for kind, items in value.items():
+            if not isinstance(items, list):
+                raise _fail(f"locality.{kind}", f"expected a list of objects, got {_kind(items)}")
+            for item in items:
+                item = _object(item, f"locality.{kind}")
+                prompt = item.get("prompt")
+                while isinstance(prompt, list) and prompt:  # EasyEdit allows a list of prompts
+                    prompt = prompt[0]
+                if not isinstance(prompt, str):
+                    raise _fail(f"locality.{kind}.prompt", f"expected a string, got {_kind(prompt)}")
+                pairs.append((prompt, item.get("ground_truth")))
+        value = pairs
+    if not isinstance(value, list):
+        raise _fail("locality", f"expected a list of [prompt, answer] pairs, got {_kind(value)}")
+    out = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise _fail("locality", "expected [prompt, answer] pairs")
+        if answer := target_text(pair[1], "locality answer"):
+            out.append((pair[0], answer))
     return out
+
+
+def _plain_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """Plain, MEND-format CounterFact and KnowEdit records."""
+    rephrase = _string(rec, "rephrase_prompt") or _string(rec, "rephrase")
+    paraphrases = _strings(rec, "paraphrases") if "paraphrases" in rec else [rephrase] if rephrase else []
+    locality = _locality(rec.get("locality"))
+    loc_prompt = _string(rec, "locality_prompt")
+    loc_answer = target_text(rec.get("locality_ground_truth"), "locality_ground_truth")
+    if loc_prompt and loc_answer:
+        locality = [(loc_prompt, loc_answer)]
+    truth = "target_true" if rec.get("target_true") is not None else "ground_truth"
+    return {
+        "id": _id(rec), "prompt": _string(rec, "prompt"), "subject": _string(rec, "subject"),
+        "target_new": target_text(rec.get("target_new"), "target_new"),
+        "target_true": target_text(rec.get(truth), truth), "paraphrases": paraphrases, "locality": locality,
+    }
+
+
+def _record_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """Validate one record of any accepted shape and normalise it to plain fields."""
+    if "requested_rewrite" in rec:
+        return _counterfact_fields(rec)
+    if "src" in rec and "alt" in rec:
+        return _zsre_fields(rec)
+    return _plain_fields(rec)
 
 
 def _auto_id(prompt: str, subject: str, target: str) -> str:
     return hashlib.sha256(f"{prompt}\x00{subject}\x00{target}".encode()).hexdigest()[:10]
 
 
+def _template(prompt: str, subject: str) -> str:
+    """The prompt with ``{}`` where the subject stands (it holds ``{}`` once, or the subject)."""
+    if prompt.count("{}") > 1:
+        raise _fail("prompt", f"holds {{}} {prompt.count('{}')} times, expected once: {prompt!r}")
+    if "{}" not in prompt:
+        if subject not in prompt:
+            raise _fail("subject", f"{subject!r} does not occur in prompt {prompt!r}")
+        prompt = prompt.replace(subject, "{}", 1)
+    return prompt.rstrip()
+
+
 def parse_record(rec: Any) -> EditRequest:
     """Validate one record; raises ``FactFileError`` whose message starts with the field name."""
     if not isinstance(rec, dict):
-        raise FactFileError("record: expected a JSON object")
+        raise FactFileError(f"record: expected a JSON object, got {_kind(rec)}")
     f = _record_fields(rec)
-    for name in ("prompt", "subject"):
-        if not isinstance(f[name], str) or not f[name].strip():
-            raise FactFileError(f"{name}: missing or empty")
-    prompt, subject = f["prompt"], f["subject"].strip()
-    try:
-        target_new = target_text(f["target_new"])
-        target_true = target_text(f["target_true"])
-    except TypeError as e:
-        raise FactFileError(f"target: {e}") from None
-    if not target_new:
-        raise FactFileError("target_new: missing or empty")
-    if "{}" not in prompt:
-        if subject not in prompt:
-            raise FactFileError(f"subject: {subject!r} does not occur in prompt {prompt!r}")
-        prompt = prompt.replace(subject, "{}", 1)
-    template = prompt.rstrip()
-    locality = []
-    for pair in f["locality"] or []:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise FactFileError("locality: expected (prompt, answer) pairs")
-        p, a = pair
-        try:
-            a = target_text(a)
-        except TypeError as e:
-            raise FactFileError(f"locality: answer {e}") from None
-        if isinstance(p, str) and a:
-            locality.append((p, a))
-    rid = f["id"]
-    rid = str(rid) if rid is not None and str(rid) != "" else _auto_id(template, subject, target_new)
+    for name in ("prompt", "subject", "target_new"):
+        if not isinstance(f[name], str) or not _visible(f[name]):
+            raise _fail(name, "missing or empty")
+        if "\x00" in f[name]:
+            raise _fail(name, "holds a NUL character")
+    subject = f["subject"].strip()
+    template = _template(f["prompt"], subject)
+    target_new = f["target_new"]
     return EditRequest(
-        id=rid, template=template, subject=subject, target_new=target_new,
-        target_true=target_true or None,
-        paraphrases=tuple(p for p in f["paraphrases"] or [] if isinstance(p, str)),
-        locality=tuple(locality),
+        id=f["id"] or _auto_id(template, subject, target_new), template=template, subject=subject,
+        target_new=target_new, target_true=f["target_true"] or None, paraphrases=tuple(f["paraphrases"]),
+        locality=tuple(f["locality"]),
     )
+
+
+def _decode(path: Path) -> str:
+    """The text of ``path`` (UTF-8, a leading BOM dropped)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FactFileError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FactFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _json(text: str, where: str) -> Any:
+    """``json.loads`` with every failure as one FactFileError line naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FactFileError(f"{where}: bad JSON: {e.msg}") from None
+    except RecursionError:
+        raise FactFileError(f"{where}: bad JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise FactFileError(f"{where}: bad JSON: {str(e).splitlines()[0]}") from None
+
+
+def _csv_records(path: Path, text: str) -> Iterable[tuple[str, Any]]:
+    """CSV rows as records (newlines inside quoted fields kept; a ``paraphrases`` cell is one
+    paraphrase)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if not header:
+            raise FactFileError(f"{path}: empty CSV file")
+        for row in reader:
+            where = f"line {reader.line_num}"
+            if len(row) > len(header):
+                raise FactFileError(f"{path}:{where}: {len(row)} fields, the header names {len(header)}")
+            rec: dict[str, Any] = {k: v for k, v in zip(header, row) if v != ""}
+            if "paraphrases" in rec:
+                rec["paraphrases"] = [rec["paraphrases"]]
+            if rec:
+                yield where, rec
+    except csv.Error as e:
+        raise FactFileError(f"{path}:line {reader.line_num}: bad CSV: {e}") from None
 
 
 def _raw_records(path: Path) -> Iterable[tuple[str, Any]]:
     """Yield (location, raw record) pairs; location is ``line N`` or ``record N``."""
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames:
-            raise FactFileError(f"{path}: empty CSV file")
-        for row in reader:
-            yield f"line {reader.line_num}", {k: v for k, v in row.items() if v not in (None, "")}
+        yield from _csv_records(path, text)
         return
-    if suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FactFileError(f"{path}:{n}: bad JSON: {e.msg}") from None
+    if suffix == ".jsonl":  # lines end at \n only: U+2028 and friends are text inside a string
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                yield f"line {n}", _json(line, f"{path}:{n}")
         return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FactFileError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
+    data = _json(text, str(path))
     if isinstance(data, dict) and isinstance(data.get("facts"), list):
         data = data["facts"]
     if not isinstance(data, list):

@@ -389,7 +389,13 @@ class NeuralDBEditor(Editor):
     def load(cls, lm: LoadedModel, path: str | Path) -> NeuralDBEditor:
         store = FactStore.load(path)
         store.check_model(lm.fingerprint, lm.arch.d_ff, lm.arch.d_model)
-        hparams = NeuralDBHparams.from_saved(store.hparams)
+        try:
+            hparams = NeuralDBHparams.from_saved(store.hparams)
+            hparams.check_types()
+            hparams.check_finite()
+            hparams.validate(lm)
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{path} is corrupt: hparams: {e}") from None
         if (hparams.gate == "relation") != (store.relation is not None) or (
                 store.relation is not None and store.relation.layer != hparams.relation_layer):
             raise StoreError(f"{path} is corrupt: its gate ({hparams.gate}, relation layer "

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from neuraldb import schema
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_artifact, write_artifact
 from neuraldb.keys import TokenKeys
@@ -236,8 +237,10 @@ class FactStore:
     def load(cls, path: str | Path) -> FactStore:
         try:
             meta, t = read_artifact(path, "store.json", READS)
+            schema.store(meta, str(path))
         except ArtifactError as e:
             raise StoreError(str(e)) from None
+        _check_main_tensors(path, t)
         if meta["format"] in (FORMAT, FORMAT_RELATION, FORMAT_POOLED, FORMAT_DUAL, FORMAT_TOKENS) and "radii" not in t:
             raise StoreError(f"{path} is corrupt: a {meta['format']} store without its radii tensor")
         windows = _windows(path, meta, t)
@@ -261,6 +264,19 @@ class FactStore:
                 or (tokens is not None and tokens.check(len(store), store.d_ff) is not None)):
             raise StoreError(f"{path} is corrupt: tensor shapes do not match its {len(store)} facts")
         return store
+
+
+def _check_main_tensors(path: str | Path, t: dict[str, torch.Tensor]) -> None:
+    """``keys`` (unit-norm rows) and ``residuals``: present, float, 2-D, finite."""
+    for name in ("keys", "residuals"):
+        x = t.get(name)
+        if x is None:
+            raise StoreError(f"{path} is corrupt: no {name} tensor")
+        if not x.is_floating_point() or x.dim() != 2 or not bool(torch.isfinite(x).all()):
+            raise StoreError(f"{path} is corrupt: {name} must be a 2-D tensor of finite numbers")
+    norms = t["keys"].float().norm(dim=1)
+    if len(norms) and float((norms - 1).abs().max()) > 1e-3:
+        raise StoreError(f"{path} is corrupt: keys are not unit vectors")
 
 
 def _windows(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -296,6 +312,8 @@ def _tokens(path: str | Path, meta: dict[str, Any], t: dict[str, torch.Tensor]) 
     names = ("token_keys", "token_windows", "token_facts", "token_first", "token_last")
     if missing := [n for n in names if n not in t]:
         raise StoreError(f"{path} is corrupt: a {FORMAT_TOKENS} store without its {missing[0]} tensor")
+    if not all(bool(torch.isfinite(t[n].float()).all()) for n in ("token_keys", "token_first", "token_last")):
+        raise StoreError(f"{path} is corrupt: token keys that are not finite numbers")
     return TokenKeys(t["token_keys"].float(), t["token_windows"], t["token_facts"], t["token_first"].float(),
                      t["token_last"].float())
 

@@ -146,6 +146,47 @@ def test_edit_out_never_touches_a_users_folder_and_asks_before_replacing_a_store
     assert (store / "store.json").read_bytes() == before
 
 
+def test_outputs_are_checked_before_any_work(tmp_path):
+    """An existing report is replaced only with --overwrite; eval / compare / explain refuse an
+    --out they cannot write before the model loads."""
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "{} is", "subject": "Rome", "target_new": "x"}\n')
+    (tmp_path / "s.report.json").write_text("my notes")
+    r = run("edit", good, "--out", tmp_path / "s")
+    assert r.exit_code == 1 and "s.report.json already exists: pass --overwrite" in r.output, r.output
+    assert (tmp_path / "s.report.json").read_text() == "my notes"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    for command in ("eval", "compare"):
+        r = run(command, "--dataset", "counterfact", "--n", "2", "--out", blocker / "r.json")
+        assert r.exit_code == 1 and "cannot write in" in r.output and "loading" not in r.output, r.output
+        r = run(command, "--dataset", "counterfact", "--n", "2", "--out", tmp_path)
+        assert r.exit_code == 1 and "is a folder; give a file name" in r.output, r.output
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"model": {"name": "smollm2-135m"},
+                                  "editors": {"neuraldb": {"hparams": {"layer": 6, "gamma": 0.65}}},
+                                  "protocol": {"n": [2], "sequential": True},
+                                  "dataset": {"name": "counterfact", "records_sha256": "x"}}))
+    r = run("explain", result, "--out", blocker / "x.json")
+    assert r.exit_code == 1 and "cannot write in" in r.output and "loading" not in r.output, r.output
+
+
+def test_two_facts_remove_at_once_lose_nothing(tmp_path, demo_store):
+    """Two writers of one store: the second waits for the first's lock and removes on top of it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = tmp_path / "store"
+    shutil.copytree(demo_store, store)
+    ids = FactStore.load(store).ids
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "cli", "facts", "remove", str(store), i], cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in ids[:2]]
+    assert [p.wait() for p in procs] == [0, 0]
+    assert FactStore.load(store).ids == ids[2:]
+
+
 def test_models_lists_the_embedded_default():
     r = run("models")
     assert r.exit_code == 0 and "smollm2-135m" in r.output and "gemma3-270m" in r.output

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from neuraldb import gate
 from neuraldb.facts import EditRequest
-from neuraldb.files import sha256_file
+from neuraldb.files import meta_sha256, sha256_file
 from neuraldb.hooks import capture, get_module
 from neuraldb.neuraldb_editor import NeuralDBEditor, NeuralDBHparams
 from neuraldb.relation import RelationMap, fit, fit_indexed
@@ -148,6 +148,7 @@ def test_store_without_its_relation_tensors_is_refused(tmp_path):
     save_file(t, str(tmp_path / "s" / "tensors.safetensors"))
     m = json.loads((tmp_path / "s" / "store.json").read_text())
     m["tensors_sha256"] = sha256_file(tmp_path / "s" / "tensors.safetensors")
+    m["meta_sha256"] = meta_sha256(m)  # resealed, as a forger would
     (tmp_path / "s" / "store.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match="relation_weight"):
         FactStore.load(tmp_path / "s")
@@ -248,6 +249,7 @@ def test_store_whose_gate_does_not_match_its_map_is_refused(tmp_path):
     meta_path = tmp_path / "s" / "store.json"
     m = json.loads(meta_path.read_text())
     m["hparams"]["gate"] = "cosine"
+    m["meta_sha256"] = meta_sha256(m)  # resealed, as a forger would
     meta_path.write_text(json.dumps(m))
     with pytest.raises(StoreError, match="does not match its relation map"):
         NeuralDBEditor.load(lm, tmp_path / "s")
