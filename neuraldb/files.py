@@ -159,7 +159,12 @@ def check_writable(path: str | Path) -> None:
 
 
 def write_artifact(path: str | Path, meta_name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` and ``meta`` (plus the tensors' sha256) as folder ``path``, atomically."""
+    """Write ``tensors`` and ``meta`` (plus the tensors' sha256 and its own) as folder ``path``,
+    atomically. A floating tensor holding NaN or ±inf is refused: it would load as a silently broken
+    model."""
+    if bad := next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())),
+                   None):
+        raise ArtifactError(f"refusing to write {path}: tensor {bad} holds values that are not finite numbers")
 
     def fill(tmp: Path) -> None:
         file = tmp / TENSORS

@@ -305,6 +305,16 @@ def test_store_description_is_checksummed_and_tensors_checked(tmp_path):
         FactStore.load(folder)
 
 
+def test_non_finite_tensors_are_never_written(tmp_path):
+    s = _store()
+    _store().save(tmp_path / "s")
+    before = (tmp_path / "s" / "store.json").read_bytes()
+    s.residuals[1, 2] = float("nan")
+    with pytest.raises(StoreError, match="tensor residuals holds values that are not finite numbers"):
+        s.save(tmp_path / "s")
+    assert (tmp_path / "s" / "store.json").read_bytes() == before
+
+
 def test_weight_edit_descriptions_are_validated():
     good = {"format": "neuraldb-weight-edits/1", "editor": "memit",
             "model": {"name": "m", "fingerprint": "f", "model_type": "llama", "d_ff": 8, "d_model": 4},
