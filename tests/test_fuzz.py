@@ -435,3 +435,33 @@ def test_a_held_lock_refuses_after_waiting(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"layer": 99, "hparams.layer": 99}, "layer"),
+    ({"hparams.steps": "many"}, "hyperparameter steps must be int"),
+    ({"hparams.gate": 3}, "hyperparameter gate must be str"),
+])
+def test_a_store_whose_hyperparameters_do_not_fit_the_model_is_refused(tmp_path, change, message):
+    """The description agrees with itself but not with the model it is loaded into, or holds a
+    value of the wrong type: one StoreError line naming the field, not a traceback."""
+    from neuraldb.neuraldb_editor import NeuralDBEditor
+
+    from .conftest import tiny_model
+
+    lm = tiny_model("llama")
+    ed = NeuralDBEditor(lm, NeuralDBEditor.default_hparams(lm).parse(["steps=2", "key=last"]))
+    ed.edit([EditRequest("a", "{} is located in", "Eiffel Tower", " Rome")])
+    ed.save(tmp_path / "s")
+    ed.restore()
+    meta = json.loads((tmp_path / "s" / "store.json").read_text())
+    for key, value in change.items():
+        *parents, last = key.split(".")
+        target = meta
+        for k in parents:
+            target = target[k]
+        target[last] = value
+    _reseal(tmp_path / "s", meta)
+    with pytest.raises(StoreError) as e:
+        NeuralDBEditor.load(lm, tmp_path / "s")
+    assert message in str(e.value) and "\n" not in str(e.value)
