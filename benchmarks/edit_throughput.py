@@ -113,6 +113,7 @@ def main() -> None:
     args = ap.parse_args()
     for spec in args.define:
         define(spec)
+    at = commit()  # the code measured: read before the run (later commits must not be credited with it)
     ds = datasets.load(args.dataset)
     records = datasets.select(ds.records, args.n)
     lm = models.load(args.model)
@@ -126,7 +127,7 @@ def main() -> None:
         del row["_residuals"]
     result = {
         "benchmark": "edit_throughput", "model": args.model, "dataset": args.dataset, "n_facts": len(records),
-        "commit": commit(), "against": first["name"],
+        "commit": at, "against": first["name"],
         "solver_definitions": {name: asdict(SOLVERS[name]) for name in {r["solver"] for r in rows}},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__},

@@ -10,7 +10,13 @@ of ``--new-tokens`` tokens after each prompt, best of ``--repeats`` runs. Each g
 is paired with a no-gate measurement taken just before it (after one warm-up run), so a slow
 phase of the machine affects both sides of a ratio alike.
 
+``--search exact,ivf`` measures token keys scored against every stored form and through the
+inverted-file candidate stage (:mod:`neuraldb.index`; random keys do not cluster, so the lists are
+as large as they get); ``--batch 8`` generates eight prompts at once. The install time (index build
+included) is recorded beside each row.
+
 Usage:  python benchmarks/gate_overhead.py --keys last,dual,tokens --out benchmarks/results/gate_overhead_keys.json
+        python benchmarks/gate_overhead.py --keys tokens --search exact,ivf --sizes 0,10000,100000 [--batch 8]
 """
 
 from __future__ import annotations
@@ -24,26 +30,36 @@ from pathlib import Path
 import torch
 
 from neuraldb import gate, models
+from neuraldb.index import Search
 from neuraldb.neuraldb_editor import NeuralDBEditor, NeuralDBHparams
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "The mother tongue of Danielle Darrieux is",
            "Michael Jordan plays the sport of", "The capital of Germany is"]
 
 
-def tokens_per_s(lm: models.LoadedModel, new_tokens: int, repeats: int) -> float:
+def tokens_per_s(lm: models.LoadedModel, new_tokens: int, repeats: int, batch: int = 1) -> float:
+    """Generated tokens per second: the prompts one by one (``batch`` 1), or ``batch`` prompts at once
+    (the prompts repeated to fill it, left-padded), best of ``repeats``."""
+    groups = [[p] for p in PROMPTS] if batch == 1 else [[PROMPTS[i % len(PROMPTS)] for i in range(batch)]]
+    tok = lm.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for p in PROMPTS:
-            ids = lm.tokenizer(p, return_tensors="pt")["input_ids"].to(lm.device)
-            with torch.no_grad():
-                lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-        best = min(best, time.perf_counter() - t0)
-    return len(PROMPTS) * new_tokens / best
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for group in groups:
+                enc = tok(group, return_tensors="pt", padding=True).to(lm.device)
+                with torch.no_grad():
+                    lm.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                      pad_token_id=tok.pad_token_id)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        tok.padding_side = side
+    return sum(len(g) for g in groups) * new_tokens / best
 
 
-def subjects(key: str, m: int, d_ff: int, h: NeuralDBHparams, g: torch.Generator) -> gate.StoredSubjects:
+def subjects(key: str, m: int, d_ff: int, h: NeuralDBHparams, g: torch.Generator,
+             search: Search = Search()) -> gate.StoredSubjects:
     """Random unit keys of ``m`` facts shaped as ``key`` stores them."""
     def unit(n: int) -> torch.Tensor:
         return torch.nn.functional.normalize(torch.randn(n, d_ff, generator=g), dim=1)
@@ -55,7 +71,7 @@ def subjects(key: str, m: int, d_ff: int, h: NeuralDBHparams, g: torch.Generator
         tokens = gate.StoredTokens(unit(int((windows - 1).sum())), windows, torch.arange(m).repeat_interleave(2),
                                    unit(2 * m), unit(2 * m), h.gamma - h.token_gamma, h.gamma - h.single_gamma,
                                    h.first_gamma)
-        return gate.StoredSubjects(unit(m), h.gamma, tokens=tokens)
+        return gate.StoredSubjects(unit(m), h.gamma, tokens=tokens, search=search)
     return gate.StoredSubjects(unit(m), h.gamma)
 
 
@@ -66,6 +82,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keys", default="last,tokens", help="comma-separated: last, dual, tokens")
+    ap.add_argument("--search", default="exact", help="comma-separated, for token keys: exact, ivf")
+    ap.add_argument("--batch", type=int, default=1, help="prompts generated together (1: one by one)")
     ap.add_argument("--out", default="results/gate_overhead.json")
     args = ap.parse_args()
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
@@ -77,16 +95,21 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     tokens_per_s(lm, args.new_tokens, 1)  # warm-up
     rows, bases = [], []
+    searches = [s.strip() for s in args.search.split(",") if s.strip()]
+    runs = [(key, s) for key in keys for s in (searches if key == "tokens" else ["exact"])]
     for m in [int(x) for x in args.sizes.split(",")]:
-        for key in keys:  # each gated measurement right after its own no-gate one
-            base = tokens_per_s(lm, args.new_tokens, args.repeats)
+        for key, search in runs:  # each gated measurement right after its own no-gate one
+            base = tokens_per_s(lm, args.new_tokens, args.repeats, args.batch)
             bases.append(base)
             residuals = torch.randn(m, lm.arch.d_model, generator=g) * 0.01
-            gate.install(lm.model, path, subjects(key, m, lm.arch.d_ff, h, g), residuals)
-            tps = tokens_per_s(lm, args.new_tokens, args.repeats)
+            t0 = time.perf_counter()
+            gate.install(lm.model, path, subjects(key, m, lm.arch.d_ff, h, g, Search(search)), residuals)
+            install_s = time.perf_counter() - t0
+            tps = tokens_per_s(lm, args.new_tokens, args.repeats, args.batch)
             gate.unload(lm.model)
-            rows.append({"key": key, "facts": m, "tokens_per_s": tps, "no_gate_tokens_per_s": base,
-                         "relative_to_no_gate": tps / base, "overhead_pct": 100.0 * (base / tps - 1.0)})
+            rows.append({"key": key, "search": search, "facts": m, "batch": args.batch, "tokens_per_s": tps,
+                         "no_gate_tokens_per_s": base, "relative_to_no_gate": tps / base,
+                         "overhead_pct": 100.0 * (base / tps - 1.0), "install_seconds": install_s})
             print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "gate_overhead", "model": args.model, "layer": h.layer, "keys": keys,
               "new_tokens": args.new_tokens,

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from neuraldb.hooks import get_module
+from neuraldb.index import KeyIndex, Search
 
 
 @dataclass
@@ -162,6 +163,7 @@ class StoredTokens:
     shift: float
     single_shift: float
     first_gamma: float
+    index: KeyIndex | None = None  # over ``last``: the candidate stage (None: every form is scored)
 
     def __post_init__(self) -> None:
         spans = self.windows - 1
@@ -171,7 +173,20 @@ class StoredTokens:
     def to(self, device: torch.device) -> StoredTokens:
         return StoredTokens(self.keys.to(device, torch.float32), self.windows.to(device), self.facts.to(device),
                             self.first.to(device, torch.float32), self.last.to(device, torch.float32), self.shift,
-                            self.single_shift, self.first_gamma)
+                            self.single_shift, self.first_gamma, None if self.index is None else self.index.to(device))
+
+    def _columns(self, unit: torch.Tensor, b: torch.Tensor, starts: torch.Tensor, floor: float) -> torch.Tensor | None:
+        """The forms to score for unit keys ``unit`` ``[b, t, d_ff]``: with an index and a finite
+        ``floor``, the candidates its lists give the call's tokens, plus the one-token forms whose
+        token opens a row (decided by identity, not by their cosine); None: every form."""
+        if self.index is None or floor == -math.inf:
+            return None
+        cols = self.index.candidates(unit.reshape(-1, unit.shape[-1]))
+        if cols is None or not bool((starts >= 0).any()) or not len(self.single):
+            return cols
+        opens = ((unit[b, starts.clamp(min=0)] @ self.first[self.single].T > self.first_gamma)
+                 & (starts >= 0)[:, None]).any(0)
+        return torch.unique(torch.cat([cols, self.single[opens]]))
 
     def scores(self, x: torch.Tensor, m: int, floor: float = -math.inf,
                starts: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,29 +203,34 @@ class StoredTokens:
         unit = torch.nn.functional.normalize(rows.float(), dim=-1)
         b = torch.arange(unit.shape[0], device=unit.device)
         starts = starts if starts is not None and len(starts) == len(b) else b.new_zeros(len(b))
-        cos = unit @ self.last.T  # [b, t, C]
-        opening = (unit[b, starts.clamp(min=0)] @ self.first.T > self.first_gamma) & (starts >= 0)[:, None]
-        # [b, C]: the row's text opens, in this call, with the form's first token
-        hot = (cos > floor).flatten(0, 1).any(0)
-        hot[self.single] |= opening[:, self.single].any(0)
-        forms = hot.nonzero().squeeze(1)
+        cols = self._columns(unit, b, starts, floor)  # the forms scored: the index's candidates, or all
+        sub = torch.arange(len(self.windows), device=unit.device) if cols is None else cols
+        cos = unit @ (self.last if cols is None else self.last[cols]).T  # [b, t, |sub|]
+        single_sub = self.windows[sub] == 1
+        opening = (unit[b, starts.clamp(min=0)] @ self.first[sub].T > self.first_gamma) & (starts >= 0)[:, None] \
+            if bool((starts >= 0).any()) else cos.new_zeros(len(b), len(sub), dtype=torch.bool)
+        # [b, |sub|]: the row's text opens, in this call, with the form's first token (none once
+        # every row began in an earlier call, as in generation with a KV cache)
+        hot = (cos > floor).flatten(0, 1).any(0) | (single_sub & opening.any(0))
+        local = hot.nonzero().squeeze(1)
         score = cos.clone()
-        if len(forms):
+        if len(local):
+            forms = sub[local]
             windows = self.windows[forms]
             n = windows - 1
             rows_of = torch.repeat_interleave(self.starts[forms], n) \
                 + torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
             low = token_cosines(rows, self.keys[rows_of], token_groups(windows), windows, self.first[forms],
                                 self.first_gamma, starts)
-            single, mine = windows == 1, cos[..., forms]
+            single, mine = windows == 1, cos[..., local]
             form = torch.where(single, mine + self.single_shift, torch.minimum(mine, low + self.shift))
             # a one-token form opening the row: its key there is the sink's, so the token itself decides
             s = starts.clamp(min=0)
-            form[b, s] = torch.where(single & (starts >= 0)[:, None], torch.where(opening[:, forms], 1.0, -2.0),
+            form[b, s] = torch.where(single & (starts >= 0)[:, None], torch.where(opening[:, local], 1.0, -2.0),
                                      form[b, s])
-            score[..., forms] = form
+            score[..., local] = form
         best = cos.new_full((*cos.shape[:-1], m), -2.0)
-        best = best.scatter_reduce(-1, self.facts.expand_as(score), score, "amax")
+        best = best.scatter_reduce(-1, self.facts[sub].expand_as(score), score, "amax")
         return best.reshape(*x.shape[:-1], m)
 
 
@@ -254,6 +274,7 @@ class StoredSubjects:
     pooled: torch.Tensor | None = None
     shift: float = 0.0
     tokens: StoredTokens | None = None
+    search: Search = Search()  # how token keys find candidate forms (:mod:`neuraldb.index`)
 
 
 class _SubjectScores(nn.Module):
@@ -267,6 +288,8 @@ class _SubjectScores(nn.Module):
         self.thresholds = torch.as_tensor(s.thresholds, dtype=torch.float32).expand(s.keys.shape[0]).to(w.device)
         self.windows = None if s.windows is None else s.windows.to(w.device, torch.long)
         self.tokens = None if s.tokens is None else s.tokens.to(w.device)
+        if self.tokens is not None and self.tokens.index is None:  # built once per store change
+            self.tokens.index = s.search.build(self.tokens.last)
         self.groups = None if self.windows is None else window_groups(self.windows)
         self.pooled = None if s.pooled is None else s.pooled.to(w.device, torch.float32)
         self.shift = float(s.shift)

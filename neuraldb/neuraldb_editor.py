@@ -26,6 +26,7 @@ from neuraldb import gate, radius, relation
 from neuraldb.editor import Editor, Progress, register
 from neuraldb.facts import EditRequest
 from neuraldb.files import ArtifactError, read_meta
+from neuraldb.index import Search
 from neuraldb.keys import TokenKeys, pooled_keys, subject_keys, token_keys
 from neuraldb.models import LoadedModel
 from neuraldb.store import NO_RADIUS, FactStore, StoreError
@@ -82,6 +83,8 @@ class NeuralDBHparams(TargetHparams):
     relation_rank: int = 64
     relation_inner: int = 1
     batch_size: int = 32
+    search: str = "exact"  # token keys' candidate stage: "exact" (every form) or "ivf" (neuraldb/index.py)
+    nprobe: int = 32  # with search="ivf": lists probed per token
 
     def validate(self, lm: LoadedModel) -> None:
         lm.arch.check_layer(self.layer)
@@ -91,6 +94,9 @@ class NeuralDBHparams(TargetHparams):
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if self.key not in KEYS:
             raise ValueError(f"key must be one of {', '.join(KEYS)}, got {self.key!r}")
+        self.index_search().validate()
+        if self.search == "ivf" and self.key != "tokens":
+            raise ValueError(f"search=ivf works with key=tokens, not key={self.key}")
         if self.pool_max < 0:
             raise ValueError(f"pool_max must be 0 (the whole subject) or more, got {self.pool_max}")
         if self.key == "pooled" and self.gate != "cosine":
@@ -135,6 +141,10 @@ class NeuralDBHparams(TargetHparams):
         if known.get("gate") == "relation":
             known.setdefault("relation_inner", 0)
         return cls(**known)
+
+    def index_search(self) -> Search:
+        """The gate's candidate stage under these hparams (:class:`neuraldb.index.Search`)."""
+        return Search(self.search, self.nprobe)
 
     def with_gate(self, name: str) -> NeuralDBHparams:
         """A copy with gate ``name`` and that gate's defaults (:data:`GATE_DEFAULTS`) for the fields
@@ -304,7 +314,7 @@ class NeuralDBEditor(Editor):
             tokens.keys, tokens.windows, tokens.facts, tokens.first, tokens.last, h.gamma - h.token_gamma,
             h.gamma - h.single_gamma, h.first_gamma)
         return gate.StoredSubjects(keys, theta, windows, pooled, h.gamma - h.pool_gamma if pooled is not None else 0.0,
-                                   stored)
+                                   stored, h.index_search())
 
     def trace_gate(self, k: GateKeys) -> tuple[gate.Gate, int, torch.Tensor]:
         """Install a gate holding ``k`` with zero residuals (the model's output stays the base
