@@ -6,9 +6,9 @@ subject keys to measure in one run: ``last`` (one key per fact), ``dual`` (and a
 fact, window 3), ``tokens`` (two forms per fact, of 4 and 3 tokens, with first-token keys). Random keys never match a
 prompt, so with ``tokens`` no fact is hot and the cost measured is the gate's on text that names no
 stored subject (:meth:`neuraldb.gate.StoredTokens.scores`). Greedy generation
-of ``--new-tokens`` tokens after each prompt, best of ``--repeats`` runs. Each gated measurement
-is paired with a no-gate measurement taken just before it (after one warm-up run), so a slow
-phase of the machine affects both sides of a ratio alike.
+of ``--new-tokens`` tokens after each prompt. Each row is ``--repeats`` rounds of no-gate, gated,
+gated, no-gate runs (ABBA, then BAAB), means compared, so a slow phase of the machine affects both
+sides of a ratio alike.
 
 ``--search exact,ivf`` measures token keys scored against every stored form and through the
 inverted-file candidate stage (:mod:`neuraldb.index`; random keys do not cluster, so the lists are
@@ -98,15 +98,20 @@ def main() -> None:
     searches = [s.strip() for s in args.search.split(",") if s.strip()]
     runs = [(key, s) for key in keys for s in (searches if key == "tokens" else ["exact"])]
     for m in [int(x) for x in args.sizes.split(",")]:
-        for key, search in runs:  # each gated measurement right after its own no-gate one
-            base = tokens_per_s(lm, args.new_tokens, args.repeats, args.batch)
-            bases.append(base)
+        for key, search in runs:  # paired with no-gate runs in ABBA order, so a drift hits both sides alike
             residuals = torch.randn(m, lm.arch.d_model, generator=g) * 0.01
+            stored = subjects(key, m, lm.arch.d_ff, h, g, Search(search))
             t0 = time.perf_counter()
-            gate.install(lm.model, path, subjects(key, m, lm.arch.d_ff, h, g, Search(search)), residuals)
+            g_ = gate.install(lm.model, path, stored, residuals)
             install_s = time.perf_counter() - t0
-            tps = tokens_per_s(lm, args.new_tokens, args.repeats, args.batch)
+            plain, gated = [], []
+            for order in range(args.repeats):  # the no-gate side: the wrapper switched off (one call, no lookup)
+                for on in ((False, True, True, False) if order % 2 == 0 else (True, False, False, True)):
+                    g_.enabled = on
+                    (gated if on else plain).append(tokens_per_s(lm, args.new_tokens, 1, args.batch))
             gate.unload(lm.model)
+            base, tps = sum(plain) / len(plain), sum(gated) / len(gated)
+            bases.append(base)
             rows.append({"key": key, "search": search, "facts": m, "batch": args.batch, "tokens_per_s": tps,
                          "no_gate_tokens_per_s": base, "relative_to_no_gate": tps / base,
                          "overhead_pct": 100.0 * (base / tps - 1.0), "install_seconds": install_s})

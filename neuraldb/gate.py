@@ -205,9 +205,13 @@ class StoredTokens:
         starts = starts if starts is not None and len(starts) == len(b) else b.new_zeros(len(b))
         cols = self._columns(unit, b, starts, floor)  # the forms scored: the index's candidates, or all
         sub = torch.arange(len(self.windows), device=unit.device) if cols is None else cols
-        cos = unit @ (self.last if cols is None else self.last[cols]).T  # [b, t, |sub|]
-        single_sub = self.windows[sub] == 1
-        opening = (unit[b, starts.clamp(min=0)] @ self.first[sub].T > self.first_gamma) & (starts >= 0)[:, None] \
+
+        def of(t: torch.Tensor) -> torch.Tensor:  # the scored forms' rows (no copy when all are scored)
+            return t if cols is None else t[cols]
+
+        cos = unit @ of(self.last).T  # [b, t, |sub|]
+        single_sub = of(self.windows) == 1
+        opening = (unit[b, starts.clamp(min=0)] @ of(self.first).T > self.first_gamma) & (starts >= 0)[:, None] \
             if bool((starts >= 0).any()) else cos.new_zeros(len(b), len(sub), dtype=torch.bool)
         # [b, |sub|]: the row's text opens, in this call, with the form's first token (none once
         # every row began in an earlier call, as in generation with a KV cache)
@@ -230,7 +234,7 @@ class StoredTokens:
                                      form[b, s])
             score[..., local] = form
         best = cos.new_full((*cos.shape[:-1], m), -2.0)
-        best = best.scatter_reduce(-1, self.facts[sub].expand_as(score), score, "amax")
+        best = best.scatter_reduce(-1, of(self.facts).expand_as(score), score, "amax")
         return best.reshape(*x.shape[:-1], m)
 
 
