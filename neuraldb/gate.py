@@ -169,24 +169,38 @@ class StoredTokens:
         spans = self.windows - 1
         self.starts = spans.cumsum(0) - spans  # each form's first row in ``keys``
         self.single = (self.windows == 1).nonzero().squeeze(1)
+        self.grouped_last = None if self.index is None else self.index.grouped(self.last)
 
     def to(self, device: torch.device) -> StoredTokens:
         return StoredTokens(self.keys.to(device, torch.float32), self.windows.to(device), self.facts.to(device),
                             self.first.to(device, torch.float32), self.last.to(device, torch.float32), self.shift,
                             self.single_shift, self.first_gamma, None if self.index is None else self.index.to(device))
 
-    def _columns(self, unit: torch.Tensor, b: torch.Tensor, starts: torch.Tensor, floor: float) -> torch.Tensor | None:
-        """The forms to score for unit keys ``unit`` ``[b, t, d_ff]``: with an index and a finite
-        ``floor``, the candidates its lists give the call's tokens, plus the one-token forms whose
-        token opens a row (decided by identity, not by their cosine); None: every form."""
-        if self.index is None or floor == -math.inf:
-            return None
-        cols = self.index.candidates(unit.reshape(-1, unit.shape[-1]))
-        if cols is None or not bool((starts >= 0).any()) or not len(self.single):
-            return cols
-        opens = ((unit[b, starts.clamp(min=0)] @ self.first[self.single].T > self.first_gamma)
-                 & (starts >= 0)[:, None]).any(0)
-        return torch.unique(torch.cat([cols, self.single[opens]]))
+    def _columns(self, unit: torch.Tensor, b: torch.Tensor, starts: torch.Tensor,
+                 floor: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(forms, cos)``: the forms to score for unit keys ``unit`` ``[b, t, d_ff]`` and their
+        last-token cosines ``[b, t, |forms|]``. With an index and a finite ``floor``, the forms of the
+        lists the call's tokens probe, each list scored on its contiguous block of ``grouped_last``,
+        plus the one-token forms whose token opens a row (decided by identity, not by their cosine);
+        else every form (``forms`` None)."""
+        runs = None if self.index is None or floor == -math.inf else \
+            self.index.probed(unit.reshape(-1, unit.shape[-1]))
+        if runs is None:
+            return None, unit @ self.last.T
+        members = self.index.members  # type: ignore[union-attr]
+        blocks = [unit @ self.grouped_last[s:e].T for s, e in runs]
+        ids = [members[s:e] for s, e in runs]
+        if bool((starts >= 0).any()) and len(self.single):
+            opens = ((unit[b, starts.clamp(min=0)] @ self.first[self.single].T > self.first_gamma)
+                     & (starts >= 0)[:, None]).any(0)
+            extra = self.single[opens]
+            if len(ids) and len(extra):
+                extra = extra[~torch.isin(extra, torch.cat(ids))]
+            ids.append(extra)
+            blocks.append(unit @ self.last[extra].T)
+        if not ids:
+            return members[:0], unit.new_zeros(*unit.shape[:-1], 0)
+        return torch.cat(ids), torch.cat(blocks, -1)
 
     def scores(self, x: torch.Tensor, m: int, floor: float = -math.inf,
                starts: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,13 +217,12 @@ class StoredTokens:
         unit = torch.nn.functional.normalize(rows.float(), dim=-1)
         b = torch.arange(unit.shape[0], device=unit.device)
         starts = starts if starts is not None and len(starts) == len(b) else b.new_zeros(len(b))
-        cols = self._columns(unit, b, starts, floor)  # the forms scored: the index's candidates, or all
+        cols, cos = self._columns(unit, b, starts, floor)  # the forms scored (None: all) and cos [b, t, |sub|]
         sub = torch.arange(len(self.windows), device=unit.device) if cols is None else cols
 
         def of(t: torch.Tensor) -> torch.Tensor:  # the scored forms' rows (no copy when all are scored)
             return t if cols is None else t[cols]
 
-        cos = unit @ of(self.last).T  # [b, t, |sub|]
         single_sub = of(self.windows) == 1
         opening = (unit[b, starts.clamp(min=0)] @ of(self.first).T > self.first_gamma) & (starts >= 0)[:, None] \
             if bool((starts >= 0).any()) else cos.new_zeros(len(b), len(sub), dtype=torch.bool)
@@ -294,6 +307,8 @@ class _SubjectScores(nn.Module):
         self.tokens = None if s.tokens is None else s.tokens.to(w.device)
         if self.tokens is not None and self.tokens.index is None:  # built once per store change
             self.tokens.index = s.search.build(self.tokens.last)
+            if self.tokens.index is not None:  # the last-token keys list by list, each list one block
+                self.tokens.grouped_last = self.tokens.index.grouped(self.tokens.last)
         self.groups = None if self.windows is None else window_groups(self.windows)
         self.pooled = None if s.pooled is None else s.pooled.to(w.device, torch.float32)
         self.shift = float(s.shift)

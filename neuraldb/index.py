@@ -90,6 +90,24 @@ class KeyIndex:
         """The index of the keys ``keep`` (ids, in order), renumbered 0 … len(keep) − 1."""
         return KeyIndex._grouped(self.centroids, self.assignment[keep], self.nprobe, self.max_share)
 
+    def probed(self, queries: torch.Tensor) -> list[tuple[int, int]] | None:
+        """The ``(start, end)`` runs in :attr:`members` order of the lists that unit ``queries``
+        ``[q, d]`` probe (their union), or None when those lists would hold more than ``max_share``
+        of the keys (then every key is scored). Keys stored in members order (:meth:`grouped`) give
+        each run as one contiguous block: scored without a gather."""
+        probe = (queries @ self.centroids.T).topk(min(self.nprobe, len(self.centroids)), dim=-1).indices
+        lists = torch.zeros(len(self.centroids), dtype=torch.bool, device=queries.device)
+        lists[probe.flatten()] = True
+        chosen = lists.nonzero().squeeze(1)
+        bounds = torch.stack([self.offsets[chosen], self.offsets[chosen + 1]], 1).tolist()
+        if sum(e - s for s, e in bounds) > self.max_share * len(self.assignment):
+            return None
+        return [(s, e) for s, e in bounds if e > s]
+
+    def grouped(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` ``[n, …]`` (one per key) reordered as :attr:`members`: list by list."""
+        return rows[self.members.to(rows.device)]
+
     def candidates(self, queries: torch.Tensor) -> torch.Tensor | None:
         """Sorted ids ``[c]`` of the keys in the lists that unit ``queries`` ``[q, d]`` probe (the union
         over the queries), or None when that union would exceed ``max_share`` of the keys (then every

@@ -50,4 +50,4 @@ def test_ivf_scores_give_the_exact_decisions_on_near_matches():
     fired = best_a > 0.65
     assert int(fired.sum()) > 50
     assert torch.equal(fired, best_b > 0.65) and torch.equal(idx_a[fired], idx_b[fired])
-    assert torch.equal(best_a[fired], best_b[fired])
+    torch.testing.assert_close(best_a[fired], best_b[fired])  # the same cosines, summed in another order
