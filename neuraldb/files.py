@@ -112,8 +112,8 @@ def recover(path: str | Path) -> None:
     path = Path(path)
     if not distributed.is_main() or not path.parent.is_dir():
         return
-    if path.exists() and not _leftovers(path, "tmp") and not _leftovers(path, "old"):
-        return
+    if not _leftovers(path, "tmp") and not _leftovers(path, "old"):
+        return  # nothing to recover: no lock is taken (and no lock file made) for a plain read
     try:
         with locked(path, wait=0 if path.exists() else 5.0):
             _recover_locked(path)

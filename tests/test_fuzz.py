@@ -465,3 +465,14 @@ def test_a_store_whose_hyperparameters_do_not_fit_the_model_is_refused(tmp_path,
     with pytest.raises(StoreError) as e:
         NeuralDBEditor.load(lm, tmp_path / "s")
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_reading_makes_no_file(tmp_path):
+    """Opening a missing or whole store takes no lock and leaves nothing beside it."""
+    with pytest.raises(StoreError, match="not a neuraldb store"):
+        FactStore.load(tmp_path / "nothing")
+    assert list(tmp_path.iterdir()) == []
+    _store().save(tmp_path / "s")
+    (tmp_path / ".s.lock").unlink()
+    FactStore.load(tmp_path / "s")
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
