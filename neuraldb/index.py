@@ -4,7 +4,7 @@ The keys ``[n, d]`` are grouped by spherical k-means (``ceil(lists_per_sqrt · �
 a fixed number of iterations, trained on a fixed-seed sample): each list holds the keys closest to
 its centroid. A forward's token keys probe the ``nprobe`` lists whose centroids are closest to each
 token and the gate scores exactly only the keys of the probed lists (their union over the call's
-tokens, one matmul). So a stored key is scored where it could fire unless it sits in a list the token
+tokens, each list one contiguous block of the keys stored list by list). So a stored key is scored where it could fire unless it sits in a list the token
 did not probe; ``benchmarks/gate_overhead.py`` measures how often the decision (fired or not, and
 which fact) then differs from scoring every key. Below ``min_keys`` stored keys, or when a call's
 union would hold more than ``max_share`` of them, every key is scored (the exact rule, and faster
@@ -107,22 +107,6 @@ class KeyIndex:
     def grouped(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` ``[n, …]`` (one per key) reordered as :attr:`members`: list by list."""
         return rows[self.members.to(rows.device)]
-
-    def candidates(self, queries: torch.Tensor) -> torch.Tensor | None:
-        """Sorted ids ``[c]`` of the keys in the lists that unit ``queries`` ``[q, d]`` probe (the union
-        over the queries), or None when that union would exceed ``max_share`` of the keys (then every
-        key is scored)."""
-        probe = (queries @ self.centroids.T).topk(min(self.nprobe, len(self.centroids)), dim=-1).indices
-        lists = torch.zeros(len(self.centroids), dtype=torch.bool, device=queries.device)
-        lists[probe.flatten()] = True
-        chosen = lists.nonzero().squeeze(1)
-        first, sizes = self.offsets[chosen], self.offsets[chosen + 1] - self.offsets[chosen]
-        total = int(sizes.sum())
-        if total > self.max_share * len(self.assignment):
-            return None
-        # the members of the chosen lists, without a loop: list i's run starts at first[i]
-        run = torch.arange(total, device=queries.device) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
-        return self.members[torch.repeat_interleave(first, sizes) + run].sort().values
 
     def to(self, device: torch.device) -> KeyIndex:
         return KeyIndex(self.centroids.to(device), self.members.to(device), self.offsets.to(device),

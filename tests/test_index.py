@@ -18,9 +18,11 @@ def test_build_is_deterministic_and_each_key_finds_itself():
     a, b = KeyIndex.build(keys, nprobe=1), KeyIndex.build(keys, nprobe=1)
     assert torch.equal(a.centroids, b.centroids) and torch.equal(a.members, b.members)
     assert len(a.centroids) == 179 and int(a.offsets[-1]) == 2000
+    one = KeyIndex(a.centroids, a.members, a.offsets, a.assignment, 1, 1.0)
     for i in range(0, 2000, 97):  # a key probes its own list first
-        cand = KeyIndex(a.centroids, a.members, a.offsets, a.assignment, 1, 1.0).candidates(keys[i : i + 1])
-        assert i in cand.tolist()
+        ((s, e),) = one.probed(keys[i : i + 1])
+        assert i in a.members[s:e].tolist() and bool((a.assignment[a.members[s:e]] == a.assignment[i]).all())
+    assert KeyIndex(a.centroids, a.members, a.offsets, a.assignment, 179, 0.5).probed(keys[:1]) is None  # > half
     grown = a.add(keys[:5])
     assert torch.equal(grown.assignment[2000:], a.assignment[:5])
     kept = grown.select(torch.arange(1000, 2005))
