@@ -4,11 +4,11 @@ The keys ``[n, d]`` are grouped by spherical k-means (``ceil(lists_per_sqrt Â· â
 a fixed number of iterations, trained on a fixed-seed sample): each list holds the keys closest to
 its centroid. A forward's token keys probe the ``nprobe`` lists whose centroids are closest to each
 token and the gate scores exactly only the keys of the probed lists (their union over the call's
-tokens, each list one contiguous block of the keys stored list by list). So a stored key is scored where it could fire unless it sits in a list the token
-did not probe; ``benchmarks/gate_overhead.py`` measures how often the decision (fired or not, and
-which fact) then differs from scoring every key. Below ``min_keys`` stored keys, or when a call's
-union would hold more than ``max_share`` of them, every key is scored (the exact rule, and faster
-there).
+tokens, each list one contiguous block of the keys stored list by list). A stored key that would
+fire is missed only when it sits in a list the token did not probe; how often that changes the
+decision (fired or not, and which fact) on real keys is not measured yet, so the gate's default
+search stays ``exact``. Below ``min_keys`` stored keys, or when a call's union would hold more than
+``max_share`` of them, every key is scored (the exact rule, and faster there).
 """
 
 from __future__ import annotations
