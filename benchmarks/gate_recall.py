@@ -106,7 +106,8 @@ def main() -> None:
     pad = text[order[: max(0, args.pad - len(facts_keys))]]
     held = text[order[len(pad) : len(pad) + args.queries]]
     stored = torch.cat([facts_keys, pad])
-    own = prompt_keys(lm, h.layer, [q for r in requests for q in (r.prompt, *r.paraphrases)][:20_000])
+    prompts = [q for r in requests for q in (r.prompt, *r.paraphrases)]
+    own = prompt_keys(lm, h.layer, prompts[:: max(1, len(prompts) // 10_000)])  # ~10,000, spread over the sets
     rows = []
     for nprobe in [int(x) for x in args.nprobe.split(",")]:
         t0 = time.perf_counter()
