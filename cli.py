@@ -340,8 +340,7 @@ def facts_list(store: Path = typer.Argument(..., help="NeuralDB store or weight-
         from neuraldb import schema
 
         meta, _ = read_artifact(store, META, FORMAT)  # the tensor file's sha256 is checked too
-        schema.edits(meta, str(store))
-        facts = schema.facts(meta, str(store))
+        facts = schema.edits(meta, str(store))
         layers = ", ".join(str(x) for x in meta["hparams"]["layers"])
         title = f"{store}: {len(facts)} facts, {cls.name} on {meta['model']['name']}, layers {layers}"
     table = Table(title=title)

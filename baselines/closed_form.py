@@ -262,7 +262,7 @@ class ClosedFormEditor(Editor):
     @classmethod
     def load(cls, lm: LoadedModel, path: str | Path) -> ClosedFormEditor:
         meta, tensors = read_artifact(path, META, FORMAT)
-        schema.edits(meta, str(path))
+        facts = schema.edits(meta, str(path))
         if meta.get("editor") != cls.name:
             raise ArtifactError(f"{path} holds {meta.get('editor')} edits, not {cls.name}")
         m = meta["model"]
@@ -275,7 +275,7 @@ class ClosedFormEditor(Editor):
         except (TypeError, ValueError, KeyError) as e:
             raise ArtifactError(f"{path} is corrupt: hparams: {e}") from None
         editor.templates = list(meta["templates"])
-        editor.facts = [EditRequest.from_dict(f) for f in meta["facts"]]
+        editor.facts = facts
         editor.weights.load(meta["layers"], tensors)
         editor.load_state({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")})
         return editor

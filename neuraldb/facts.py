@@ -79,7 +79,7 @@ def _fail(name: str, message: str) -> FactFileError:
     return FactFileError(f"{name}: {message}")
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """A JSON value's kind, for messages: 'a string', 'a number', 'a list', …"""
     if value is None:
         return "null"
@@ -95,7 +95,7 @@ def _string(rec: dict[str, Any], name: str) -> str | None:
     value = rec.get(name)
     if value is None or isinstance(value, str):
         return value
-    raise _fail(name, f"expected a string, got {_kind(value)}")
+    raise _fail(name, f"expected a string, got {json_kind(value)}")
 
 
 def _strings(rec: dict[str, Any], name: str) -> list[str]:
@@ -105,10 +105,10 @@ def _strings(rec: dict[str, Any], name: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _fail(name, f"expected a list of strings, got {_kind(value)}")
+        raise _fail(name, f"expected a list of strings, got {json_kind(value)}")
     bad = [v for v in value if not isinstance(v, str)]
     if bad:
-        raise _fail(name, f"expected a list of strings, holds {_kind(bad[0])}")
+        raise _fail(name, f"expected a list of strings, holds {json_kind(bad[0])}")
     return value
 
 
@@ -121,7 +121,7 @@ def _target(value: Any, name: str) -> str | None:
         value = value[0] if value else None
     if value is None or isinstance(value, str):
         return value
-    raise _fail(name, f"expected a string, got {_kind(value)}")
+    raise _fail(name, f"expected a string, got {json_kind(value)}")
 
 
 def _visible(text: str) -> bool:
@@ -149,13 +149,13 @@ def _id(rec: dict[str, Any]) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _fail("id", f"expected a string or an integer, got {_kind(value)}")
+        raise _fail("id", f"expected a string or an integer, got {json_kind(value)}")
     return str(value)
 
 
 def _object(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise _fail(name, f"expected an object, got {_kind(value)}")
+        raise _fail(name, f"expected an object, got {json_kind(value)}")
     return value
 
 
@@ -195,18 +195,18 @@ def _locality(value: Any) -> list[tuple[str, str]]:
         pairs = []
         for kind, items in value.items():
             if not isinstance(items, list):
-                raise _fail(f"locality.{kind}", f"expected a list of objects, got {_kind(items)}")
+                raise _fail(f"locality.{kind}", f"expected a list of objects, got {json_kind(items)}")
             for item in items:
                 item = _object(item, f"locality.{kind}")
                 prompt = item.get("prompt")
                 while isinstance(prompt, list) and prompt:  # EasyEdit allows a list of prompts
                     prompt = prompt[0]
                 if not isinstance(prompt, str):
-                    raise _fail(f"locality.{kind}.prompt", f"expected a string, got {_kind(prompt)}")
+                    raise _fail(f"locality.{kind}.prompt", f"expected a string, got {json_kind(prompt)}")
                 pairs.append((prompt, item.get("ground_truth")))
         value = pairs
     if not isinstance(value, list):
-        raise _fail("locality", f"expected a list of [prompt, answer] pairs, got {_kind(value)}")
+        raise _fail("locality", f"expected a list of [prompt, answer] pairs, got {json_kind(value)}")
     out = []
     for pair in value:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
@@ -260,7 +260,7 @@ def _template(prompt: str, subject: str) -> str:
 def parse_record(rec: Any) -> EditRequest:
     """Validate one record; raises ``FactFileError`` whose message starts with the field name."""
     if not isinstance(rec, dict):
-        raise FactFileError(f"record: expected a JSON object, got {_kind(rec)}")
+        raise FactFileError(f"record: expected a JSON object, got {json_kind(rec)}")
     f = _record_fields(rec)
     for name in ("prompt", "subject", "target_new"):
         if not isinstance(f[name], str) or not _visible(f[name]):

@@ -169,7 +169,12 @@ class StoredTokens:
         spans = self.windows - 1
         self.starts = spans.cumsum(0) - spans  # each form's first row in ``keys``
         self.single = (self.windows == 1).nonzero().squeeze(1)
-        self.grouped_last = None if self.index is None else self.index.grouped(self.last)
+        self.use(self.index)
+
+    def use(self, index: KeyIndex | None) -> None:
+        """Score through ``index`` (None: every form), with the last-token keys list by list."""
+        self.index = index
+        self.grouped_last = None if index is None else index.grouped(self.last)
 
     def to(self, device: torch.device) -> StoredTokens:
         return StoredTokens(self.keys.to(device, torch.float32), self.windows.to(device), self.facts.to(device),
@@ -306,9 +311,7 @@ class _SubjectScores(nn.Module):
         self.windows = None if s.windows is None else s.windows.to(w.device, torch.long)
         self.tokens = None if s.tokens is None else s.tokens.to(w.device)
         if self.tokens is not None and self.tokens.index is None:  # built once per store change
-            self.tokens.index = s.search.build(self.tokens.last)
-            if self.tokens.index is not None:  # the last-token keys list by list, each list one block
-                self.tokens.grouped_last = self.tokens.index.grouped(self.tokens.last)
+            self.tokens.use(s.search.build(self.tokens.last))
         self.groups = None if self.windows is None else window_groups(self.windows)
         self.pooled = None if s.pooled is None else s.pooled.to(w.device, torch.float32)
         self.shift = float(s.shift)

@@ -399,11 +399,9 @@ class NeuralDBEditor(Editor):
     def load(cls, lm: LoadedModel, path: str | Path) -> NeuralDBEditor:
         store = FactStore.load(path)
         store.check_model(lm.fingerprint, lm.arch.d_ff, lm.arch.d_model)
-        try:
+        try:  # the editor checks the hparams' types, finiteness and fit to the model
             hparams = NeuralDBHparams.from_saved(store.hparams)
-            hparams.check_types()
-            hparams.check_finite()
-            hparams.validate(lm)
+            editor = cls(lm, hparams, store)
         except (TypeError, ValueError) as e:
             raise StoreError(f"{path} is corrupt: hparams: {e}") from None
         if (hparams.gate == "relation") != (store.relation is not None) or (
@@ -415,6 +413,5 @@ class NeuralDBEditor(Editor):
                 (hparams.key == "tokens") != (store.tokens is not None)):
             raise StoreError(f"{path} is corrupt: its keys ({hparams.key}) do not match its windows, pooled and "
                              "token keys")
-        editor = cls(lm, hparams, store)
         editor.install()
         return editor

@@ -9,15 +9,12 @@ import math
 from typing import Any
 
 from neuraldb.facts import EditRequest
+from neuraldb.facts import json_kind as _kind
 from neuraldb.files import ArtifactError
 
 
 def _fail(where: str, name: str, message: str) -> ArtifactError:
     return ArtifactError(f"{where} is corrupt: {name}: {message}")
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
 
 
 def obj(d: dict[str, Any], name: str, where: str, label: str = "") -> dict[str, Any]:
@@ -110,9 +107,9 @@ def templates(meta: dict[str, Any], where: str) -> list[str]:
     return out
 
 
-def store(meta: dict[str, Any], where: str) -> None:
+def store(meta: dict[str, Any], where: str) -> list[EditRequest]:
     """A fact store's ``store.json``: model, layer, γ in (−1, 1), hyperparameters agreeing with
-    them, context templates, facts, and the relation layer when there is one."""
+    them, context templates, facts (returned), and the relation layer when there is one."""
     model(meta, where)
     layer = integer(meta, "layer", where)
     gamma = number(meta, "gamma", where, -1.0, 1.0)
@@ -122,19 +119,20 @@ def store(meta: dict[str, Any], where: str) -> None:
     if "gamma" in hparams and hparams["gamma"] != gamma:
         raise _fail(where, "hparams", f"gamma {hparams['gamma']!r} is not the store's gamma {gamma}")
     templates(meta, where)
-    facts(meta, where)
+    found = facts(meta, where)
     if "relation_layer" in meta:
         integer(meta, "relation_layer", where, low=layer + 1)
+    return found
 
 
-def edits(meta: dict[str, Any], where: str) -> None:
-    """A weight-edit artifact's ``edits.json``: editor, model, hyperparameters, templates, facts and
-    at least one edited layer, each described completely."""
+def edits(meta: dict[str, Any], where: str) -> list[EditRequest]:
+    """A weight-edit artifact's ``edits.json``: editor, model, hyperparameters, templates, facts
+    (returned) and at least one edited layer, each described completely."""
     string(meta, "editor", where)
     model(meta, where)
     obj(meta, "hparams", where)
     templates(meta, where)
-    facts(meta, where)
+    found = facts(meta, where)
     layers = meta.get("layers")
     if not isinstance(layers, list) or not layers:
         raise _fail(where, "layers", "expected a non-empty list of edited layers")
@@ -146,3 +144,4 @@ def edits(meta: dict[str, Any], where: str) -> None:
             string(d, name, where, "layers: ")
         if d.get("format") not in ("dense", "lowrank"):
             raise _fail(where, "layers", f"format must be dense or lowrank, got {d.get('format')!r}")
+    return found

@@ -237,7 +237,7 @@ class FactStore:
     def load(cls, path: str | Path) -> FactStore:
         try:
             meta, t = read_artifact(path, "store.json", READS)
-            schema.store(meta, str(path))
+            facts = schema.store(meta, str(path))
         except ArtifactError as e:
             raise StoreError(str(e)) from None
         _check_main_tensors(path, t)
@@ -253,7 +253,7 @@ class FactStore:
         m = meta["model"]
         store = cls(m["name"], m["fingerprint"], m["model_type"], meta["layer"], meta["gamma"], m["d_ff"],
                     m["d_model"], meta["hparams"], meta["templates"],
-                    [EditRequest.from_dict(f) for f in meta["facts"]], t["keys"], t["residuals"],
+                    facts, t["keys"], t["residuals"],
                     None if radii is None else radii.float(), relation,
                     None if relation is None else t["relation_keys"].float(), windows, pooled, tokens)
         if (store.keys.shape != (len(store), store.d_ff) or store.residuals.shape != (len(store), store.d_model)
